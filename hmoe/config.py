@@ -1,0 +1,201 @@
+"""Typed, validated configuration for models, data and training.
+
+Experiment files under `experiments/configs/` build an `ml_collections.ConfigDict` (easy to override from the command
+line: `--config.model.moe.num_experts=16`). At the library boundary `from_config_dict` turns it into the frozen
+dataclasses below, and every value is checked *before* anything is traced or compiled, so a typo costs a clear
+`ValueError` naming the field, not a shape error deep inside XLA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+FFN_KINDS = ("dense", "moe")
+DISPATCH_KINDS = ("sort", "einsum")
+DTYPES = ("float32", "bfloat16")
+
+
+def _require(condition: bool, message: str) -> None:
+  if not condition:
+    raise ValueError(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """Standard top-k token-choice MoE (Switch / GShard family)."""
+
+  num_experts: int = 8
+  top_k: int = 2
+  expert_ff: int = 256  # Hidden width F of each SwiGLU expert.
+  capacity_factor: float = 1.25  # C = ceil(capacity_factor * T * K / E) per group; ignored when dropless.
+  eval_capacity_factor: float = 2.0
+  dropless: bool = False  # Block-sparse grouped matmul: no token is ever dropped.
+  dispatch: str = "sort"  # "sort": sort + gather into [E, C, D]; "einsum": GShard one-hot einsum (reference/TPU).
+  num_groups: int = 1  # Tokens are routed within groups (set to the data-parallel size on a pod).
+  balance_loss_weight: float = 0.01  # Switch Transformer load-balancing loss.
+  z_loss_weight: float = 1e-3  # ST-MoE router z-loss.
+  router_jitter: float = 0.0  # Multiplicative uniform noise on router inputs during training (Switch, Sec. 2.2).
+  dropless_block_size: int = 128  # Row block of the dropless grouped matmul.
+
+  def validate(self) -> None:
+    _require(self.num_experts >= 1, f"moe.num_experts must be >= 1, got {self.num_experts}")
+    _require(1 <= self.top_k <= self.num_experts,
+             f"moe.top_k={self.top_k} must be in [1, moe.num_experts={self.num_experts}]")
+    _require(self.expert_ff >= 1, f"moe.expert_ff must be >= 1, got {self.expert_ff}")
+    _require(self.capacity_factor > 0, f"moe.capacity_factor must be > 0, got {self.capacity_factor}")
+    _require(self.eval_capacity_factor > 0,
+             f"moe.eval_capacity_factor must be > 0, got {self.eval_capacity_factor}")
+    _require(self.dispatch in DISPATCH_KINDS, f"moe.dispatch={self.dispatch!r} not in {DISPATCH_KINDS}")
+    _require(not (self.dropless and self.dispatch == "einsum"),
+             "moe.dropless=True needs moe.dispatch='sort' (the einsum path always has a capacity)")
+    _require(self.num_groups >= 1, f"moe.num_groups must be >= 1, got {self.num_groups}")
+    _require(self.balance_loss_weight >= 0, f"moe.balance_loss_weight must be >= 0, got {self.balance_loss_weight}")
+    _require(self.z_loss_weight >= 0, f"moe.z_loss_weight must be >= 0, got {self.z_loss_weight}")
+    _require(0 <= self.router_jitter < 1, f"moe.router_jitter must be in [0, 1), got {self.router_jitter}")
+    _require(self.dropless_block_size >= 1,
+             f"moe.dropless_block_size must be >= 1, got {self.dropless_block_size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Decoder-only pre-norm Transformer; each layer's FFN kind comes from `ffn_pattern`."""
+
+  vocab_size: int = 8192
+  d_model: int = 256
+  num_layers: int = 4
+  num_heads: int = 4
+  d_ff: int = 512  # Hidden width of the dense SwiGLU FFN.
+  max_len: int = 256
+  # Comma-separated FFN kinds, cycled over layers: "moe" = every layer, "dense,moe" = every other layer.
+  ffn_pattern: str = "dense"
+  tie_embeddings: bool = True
+  dtype: str = "float32"  # Compute dtype; parameters are always float32.
+  rope_base: float = 10_000.0
+  moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+  @property
+  def ffn_kinds(self) -> tuple[str, ...]:
+    pattern = tuple(kind.strip() for kind in self.ffn_pattern.split(","))
+    return tuple(pattern[i % len(pattern)] for i in range(self.num_layers))
+
+  @property
+  def num_moe_layers(self) -> int:
+    return sum(kind == "moe" for kind in self.ffn_kinds)
+
+  def validate(self) -> None:
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_len"):
+      value = getattr(self, name)
+      _require(isinstance(value, int) and value >= 1, f"model.{name} must be a positive int, got {value!r}")
+    _require(self.d_model % self.num_heads == 0,
+             f"model.num_heads={self.num_heads} must divide model.d_model={self.d_model}")
+    _require(self.head_dim % 2 == 0, f"head_dim=d_model/num_heads={self.head_dim} must be even for rotary positions")
+    kinds = tuple(kind.strip() for kind in self.ffn_pattern.split(","))
+    bad = [kind for kind in kinds if kind not in FFN_KINDS]
+    _require(not bad, f"model.ffn_pattern={self.ffn_pattern!r} has unknown kinds {bad}; allowed: {FFN_KINDS}")
+    _require(self.dtype in DTYPES, f"model.dtype={self.dtype!r} not in {DTYPES}")
+    _require(self.rope_base > 0, f"model.rope_base must be > 0, got {self.rope_base}")
+    if self.num_moe_layers:
+      self.moe.validate()
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  dataset: str = "wikitext-2"
+  data_dir: str | None = None  # None: $HMOE_DATA_DIR, else ../shared/data.
+  seq_len: int = 128
+  batch_size: int = 16
+  eval_batch_size: int = 16
+  eval_splits: tuple[str, ...] = ("valid",)
+
+  def validate(self) -> None:
+    _require(self.dataset in ("wikitext-2", "wikitext-103"), f"data.dataset={self.dataset!r} is not a WikiText set")
+    for name in ("seq_len", "batch_size", "eval_batch_size"):
+      value = getattr(self, name)
+      _require(isinstance(value, int) and value >= 1, f"data.{name} must be a positive int, got {value!r}")
+    bad = [split for split in self.eval_splits if split not in ("train", "valid", "test")]
+    _require(not bad, f"data.eval_splits has unknown splits {bad}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  seed: int = 0
+  num_steps: int = 1000
+  learning_rate: float = 3e-3
+  warmup_steps: int = 100
+  min_lr_ratio: float = 0.1  # Cosine decays to learning_rate * min_lr_ratio.
+  weight_decay: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  grad_clip_norm: float = 1.0
+  log_every: int = 50
+  eval_every: int = 500
+  checkpoint_every: int = 500
+  keep_checkpoints: int = 3
+
+  def validate(self) -> None:
+    _require(self.num_steps >= 1, f"train.num_steps must be >= 1, got {self.num_steps}")
+    _require(self.learning_rate > 0, f"train.learning_rate must be > 0, got {self.learning_rate}")
+    _require(0 <= self.warmup_steps <= self.num_steps,
+             f"train.warmup_steps={self.warmup_steps} must be in [0, num_steps={self.num_steps}]")
+    _require(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+    _require(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
+    _require(0 <= self.b1 < 1 and 0 <= self.b2 < 1, f"train.b1={self.b1}, train.b2={self.b2} must be in [0, 1)")
+    _require(self.grad_clip_norm > 0, f"train.grad_clip_norm must be > 0, got {self.grad_clip_norm}")
+    for name in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+      value = getattr(self, name)
+      _require(value >= 1, f"train.{name} must be >= 1, got {value}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  model: ModelConfig
+  data: DataConfig
+  train: TrainConfig
+
+  def validate(self) -> None:
+    self.model.validate()
+    self.data.validate()
+    self.train.validate()
+    _require(self.data.seq_len <= self.model.max_len,
+             f"data.seq_len={self.data.seq_len} exceeds model.max_len={self.model.max_len}")
+    if self.model.num_moe_layers:
+      tokens = self.data.batch_size * self.data.seq_len
+      _require(tokens % self.model.moe.num_groups == 0,
+               f"moe.num_groups={self.model.moe.num_groups} must divide batch_size*seq_len={tokens}")
+      eval_tokens = self.data.eval_batch_size * self.data.seq_len
+      _require(eval_tokens % self.model.moe.num_groups == 0,
+               f"moe.num_groups={self.model.moe.num_groups} must divide eval_batch_size*seq_len={eval_tokens}")
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
+  """Builds dataclass `cls` from a mapping, rejecting unknown keys by name."""
+  fields = {field.name: field for field in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - set(fields))
+  _require(not unknown, f"unknown config keys {[prefix + key for key in unknown]}")
+  kwargs = {}
+  for key, value in values.items():
+    if key == "moe":
+      value = _build(MoEConfig, value, prefix + "moe.")
+    elif key == "eval_splits":
+      value = tuple(value)
+    kwargs[key] = value
+  return cls(**kwargs)
+
+
+def from_config_dict(config: Mapping[str, Any]) -> ExperimentConfig:
+  """Converts an `ml_collections.ConfigDict` (or nested dict) into a validated `ExperimentConfig`."""
+  as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  unknown = sorted(set(as_dict) - {"model", "data", "train"})
+  _require(not unknown, f"unknown top-level config sections {unknown}")
+  experiment = ExperimentConfig(
+      model=_build(ModelConfig, as_dict.get("model", {}), "model."),
+      data=_build(DataConfig, as_dict.get("data", {}), "data."),
+      train=_build(TrainConfig, as_dict.get("train", {}), "train."),
+  )
+  experiment.validate()
+  return experiment

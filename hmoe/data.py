@@ -1,0 +1,419 @@
+"""WikiText data: locating, downloading, word counting, encoding and batching.
+
+Axis names: B batch, L sequence length, N tokens in a split.
+
+Conventions (standard WikiText): a split file is a sequence of lines ending in "\\n";
+every line, empty ones included, counts as `line.split() + ["<eos>"]` words, and
+the encoded token stream has one `<eos>` id after every line. Word-level perplexity
+is exp(total NLL over the split / `count_words`), comparable with published results.
+
+Batching is stateless: `train_batch` derives the batch for a step from
+(seed, step) alone, so a resumed run continues exactly by step number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import shutil
+import tempfile
+import urllib.request
+import zipfile
+from collections.abc import Iterator
+from typing import Protocol
+
+import numpy as np
+
+DEFAULT_DATA_ENV = "HMOE_DATA_DIR"
+DATASETS = ("wikitext-2", "wikitext-103")
+SPLITS = ("train", "valid", "test")
+WIKITEXT_URLS = {
+    "wikitext-2": "https://wikitext.smerity.com/wikitext-2-v1.zip",
+    "wikitext-103": "https://wikitext.smerity.com/wikitext-103-v1.zip",
+}
+# The directory holding the hmoe package: a checkout's root.
+_REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+# Bump when the cached array layout or encoding convention changes.
+_CACHE_FORMAT_VERSION = 1
+
+PathLike = str | os.PathLike[str]
+
+
+class _LineTokenizer(Protocol):
+  """What `load_split` needs from `hmoe.tokenizer.Tokenizer`."""
+
+  @property
+  def eos_id(self) -> int: ...
+
+  @property
+  def fingerprint(self) -> str: ...
+
+  def encode_batch(self, lines: list[str]) -> list[list[int]]: ...
+
+
+# ----------------------------------------------------------------------------
+# Locating and downloading the files.
+# ----------------------------------------------------------------------------
+
+
+def resolve_data_dir(data_dir: PathLike | None = None) -> pathlib.Path:
+  """Returns the data root holding `wikitext-2/` and `wikitext-103/`.
+
+  Order: `data_dir` if given; else $HMOE_DATA_DIR; else the first existing of
+  `./../shared/data` and `<repo root>/../shared/data`.
+  """
+  if data_dir is not None:
+    return pathlib.Path(data_dir)
+  from_env = os.environ.get(DEFAULT_DATA_ENV)
+  if from_env:
+    return pathlib.Path(from_env)
+  candidates = [pathlib.Path.cwd() / ".." / "shared" / "data",
+                _REPO_ROOT / ".." / "shared" / "data"]
+  for candidate in candidates:
+    if candidate.is_dir():
+      return candidate.resolve()
+  raise FileNotFoundError(
+      "no data directory found: tried "
+      + ", ".join(str(c) for c in candidates)
+      + f". Pass --data_dir=DIR or set ${DEFAULT_DATA_ENV}=DIR; to fetch WikiText "
+      "into DIR run `python -m hmoe.data --download --dataset=wikitext-2 --data_dir=DIR`."
+  )
+
+
+def _check_dataset(dataset: str) -> None:
+  if dataset not in DATASETS:
+    raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
+
+
+def wikitext_split_path(data_dir: PathLike, dataset: str, split: str) -> pathlib.Path:
+  """Path of `<data_dir>/<dataset>/wiki.<split>.tokens`, checked to exist and be non-empty."""
+  _check_dataset(dataset)
+  if split not in SPLITS:
+    raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+  path = pathlib.Path(data_dir) / dataset / f"wiki.{split}.tokens"
+  if not path.is_file():
+    raise FileNotFoundError(
+        f"WikiText file not found: {path}. Fetch it with `python -m hmoe.data "
+        f"--download --dataset={dataset} --data_dir={data_dir}`."
+    )
+  if _is_blank(path):
+    raise ValueError(f"WikiText file is empty (no non-whitespace text): {path}")
+  return path
+
+
+def _is_blank(path: pathlib.Path) -> bool:
+  with open(path, "rb") as f:
+    while chunk := f.read(1 << 20):
+      if chunk.strip():
+        return False
+  return True
+
+
+def download_wikitext(
+    data_dir: PathLike, dataset: str, url: str | None = None
+) -> pathlib.Path:
+  """Fetches an official WikiText archive and extracts its `wiki.*.tokens` files.
+
+  Args:
+    data_dir: Data root; files land in `<data_dir>/<dataset>/`.
+    dataset: "wikitext-2" or "wikitext-103".
+    url: Archive URL (any scheme urllib handles, file:// included); defaults to
+      the official smerity.com zip.
+
+  Returns:
+    `<data_dir>/<dataset>`. Existing split files there are replaced. Each file
+    appears atomically (extracted into a temp dir, then renamed), so an
+    interrupted download never leaves a truncated split behind.
+  """
+  _check_dataset(dataset)
+  url = url or WIKITEXT_URLS[dataset]
+  target = pathlib.Path(data_dir) / dataset
+  target.mkdir(parents=True, exist_ok=True)
+  # The temp dir sits beside the target so the final renames stay on one filesystem.
+  with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{dataset}-download-") as tmp:
+    tmp_dir = pathlib.Path(tmp)
+    archive = tmp_dir / "archive.zip"
+    logging.info("downloading %s", url)
+    with urllib.request.urlopen(url) as response, open(archive, "wb") as out:
+      shutil.copyfileobj(response, out)
+    extracted = _extract_split_files(archive, tmp_dir / "extracted", url)
+    for name in extracted:
+      os.replace(tmp_dir / "extracted" / name, target / name)
+  logging.info("wrote %s to %s", ", ".join(extracted), target)
+  return target
+
+
+def _extract_split_files(archive: pathlib.Path, out_dir: pathlib.Path, url: str) -> list[str]:
+  """Extracts `wiki.{train,valid,test}.tokens` (by base name only) into out_dir."""
+  wanted = {f"wiki.{split}.tokens" for split in SPLITS}
+  out_dir.mkdir()
+  try:
+    zf = zipfile.ZipFile(archive)
+  except zipfile.BadZipFile as e:
+    raise ValueError(f"{url} is not a zip archive: {e}") from e
+  found = []
+  with zf:
+    for info in zf.infolist():
+      # Only the base name is used, so a hostile member path cannot escape out_dir.
+      name = pathlib.PurePosixPath(info.filename).name
+      if name in wanted and not info.is_dir():
+        with zf.open(info) as src, open(out_dir / name, "wb") as dst:
+          shutil.copyfileobj(src, dst)
+        found.append(name)
+    if sorted(found) != sorted(wanted):
+      raise ValueError(
+          f"archive {url} lacks {sorted(wanted - set(found))}; members: {zf.namelist()[:20]}"
+      )
+  return sorted(found)
+
+
+# ----------------------------------------------------------------------------
+# Word counts and encoding.
+# ----------------------------------------------------------------------------
+
+
+def _split_lines(raw: bytes) -> list[str]:
+  # Only "\n" separates lines (str.splitlines would also split on \x1c, \u2028,
+  # ...), and a final "\n" does not start another line: this reproduces the
+  # official counts.
+  lines = raw.decode("utf-8").split("\n")
+  if lines[-1] == "":
+    lines.pop()
+  return lines
+
+
+def _count_words_in_lines(lines: list[str]) -> int:
+  return sum(len(line.split()) + 1 for line in lines)
+
+
+def count_words(path: PathLike) -> int:
+  """Number of WikiText words in a file: whitespace tokens plus one `<eos>` per line.
+
+  Every line counts, empty ones included, which reproduces the official counts
+  (WikiText-2 train 2,088,628 / valid 217,646 / test 245,569).
+  """
+  return _count_words_in_lines(_split_lines(pathlib.Path(path).read_bytes()))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SplitTokens:
+  """One encoded split.
+
+  Attributes:
+    tokens: int32 [N], the whole split, one eos id after every line.
+    num_words: `count_words` of the file, the denominator of word-level perplexity.
+    path: The source file.
+  """
+
+  tokens: np.ndarray
+  num_words: int
+  path: str
+
+
+def load_split(
+    tokenizer: _LineTokenizer, path: PathLike, cache_dir: PathLike | None = None
+) -> SplitTokens:
+  """Encodes a split file line by line, appending the eos id after each line.
+
+  Args:
+    tokenizer: An `hmoe.tokenizer.Tokenizer` (anything with `encode_batch`,
+      `eos_id` and `fingerprint`).
+    path: A WikiText-style file; empty lines encode to just eos.
+    cache_dir: If given, the int32 array is cached there as
+      `<file name>.<key>.npy`, the key hashing the file's size and contents and
+      the tokenizer fingerprint, so a changed file or tokenizer misses the cache.
+
+  Returns:
+    SplitTokens with tokens int32 [N].
+  """
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"split file not found: {path}")
+  raw = path.read_bytes()
+  lines = _split_lines(raw)
+  num_words = _count_words_in_lines(lines)
+  cache_file = None
+  if cache_dir is not None:
+    key = hashlib.sha256()
+    key.update(f"v{_CACHE_FORMAT_VERSION}:{len(raw)}:{tokenizer.fingerprint}:".encode())
+    key.update(raw)
+    cache_file = pathlib.Path(cache_dir) / f"{path.name}.{key.hexdigest()[:16]}.npy"
+    if cache_file.is_file():
+      tokens = np.load(cache_file)
+      return SplitTokens(tokens=tokens, num_words=num_words, path=str(path))
+  tokens = _encode_lines(tokenizer, lines)
+  if cache_file is not None:
+    _save_npy_atomic(cache_file, tokens)
+  return SplitTokens(tokens=tokens, num_words=num_words, path=str(path))
+
+
+def _encode_lines(tokenizer: _LineTokenizer, lines: list[str]) -> np.ndarray:
+  """int32 [N]: the lines' ids, each line followed by eos."""
+  encoded = tokenizer.encode_batch([line.strip() for line in lines])
+  lengths = np.array([len(ids) + 1 for ids in encoded], dtype=np.int64)
+  tokens = np.empty(int(lengths.sum()), dtype=np.int32)
+  ends = np.cumsum(lengths)
+  tokens[ends - 1] = tokenizer.eos_id
+  flat = [i for ids in encoded for i in ids]
+  is_text = np.ones(tokens.shape, dtype=bool)
+  is_text[ends - 1] = False
+  tokens[is_text] = np.asarray(flat, dtype=np.int32)
+  return tokens
+
+
+def _save_npy_atomic(path: pathlib.Path, array: np.ndarray) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      np.save(f, array)
+    os.replace(tmp, path)
+  except BaseException:
+    pathlib.Path(tmp).unlink(missing_ok=True)
+    raise
+
+
+# ----------------------------------------------------------------------------
+# Batching.
+# ----------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=8)
+def _epoch_order(seed: int, epoch: int, num_windows: int) -> np.ndarray:
+  order = np.random.default_rng([seed, epoch]).permutation(num_windows)
+  order.flags.writeable = False  # Shared through the cache.
+  return order
+
+
+def train_batch(
+    tokens: np.ndarray, step: int, batch_size: int, seq_len: int, seed: int
+) -> dict[str, np.ndarray]:
+  """The training batch for `step`, a pure function of its arguments.
+
+  The stream is cut into windows of seq_len + 1 tokens starting at multiples of
+  seq_len (consecutive windows share one token, so every token but the first is a
+  target once per epoch). Epoch e visits all windows in the order
+  `default_rng([seed, e]).permutation(num_windows)`; step s takes windows
+  [s*B, (s+1)*B) of the concatenated epoch orders, so a batch may span two epochs.
+
+  Args:
+    tokens: int [N] token stream.
+    step: Global step, >= 0.
+    batch_size: B.
+    seq_len: L.
+    seed: Shuffle seed.
+
+  Returns:
+    {"inputs": int32 [B, L], "targets": int32 [B, L]}, targets = inputs shifted by one.
+  """
+  _check_batch_args(tokens, batch_size, seq_len)
+  if step < 0:
+    raise ValueError(f"step must be >= 0, got {step}")
+  num_windows = (len(tokens) - 1) // seq_len
+  if num_windows < batch_size:
+    raise ValueError(
+        f"split of {len(tokens)} tokens has {num_windows} windows of seq_len+1="
+        f"{seq_len + 1}, fewer than batch_size={batch_size}"
+    )
+  flat = step * batch_size + np.arange(batch_size)
+  epochs, positions = np.divmod(flat, num_windows)
+  windows = np.empty(batch_size, dtype=np.int64)
+  # batch_size <= num_windows, so a batch touches at most two epochs.
+  for epoch in np.unique(epochs):
+    in_epoch = epochs == epoch
+    windows[in_epoch] = _epoch_order(seed, int(epoch), num_windows)[positions[in_epoch]]
+  index_BxL1 = windows[:, None] * seq_len + np.arange(seq_len + 1)
+  chunk_BxL1 = np.asarray(tokens)[index_BxL1].astype(np.int32)
+  return {"inputs": chunk_BxL1[:, :-1], "targets": chunk_BxL1[:, 1:]}
+
+
+def num_eval_batches(num_tokens: int, batch_size: int, seq_len: int) -> int:
+  """Number of batches `eval_batches` yields for a split of num_tokens tokens."""
+  num_windows = -(-num_tokens // seq_len)
+  return -(-num_windows // batch_size)
+
+
+def eval_batches(
+    tokens: np.ndarray, batch_size: int, seq_len: int, eos_id: int
+) -> Iterator[dict[str, np.ndarray]]:
+  """Batches covering the whole split; every token is a target exactly once.
+
+  One eos is prepended as beginning-of-text context (the token before a split's
+  first line is conceptually the previous line's eos), and the shifted stream is
+  cut into consecutive, non-overlapping windows of seq_len. The final partial
+  window and the final partial batch are padded with eos_id and weight 0, so every
+  batch has the same static shape and eval compiles once.
+
+  Args:
+    tokens: int [N] token stream.
+    batch_size: B.
+    seq_len: L.
+    eos_id: Used as the leading context token and as padding.
+
+  Yields:
+    {"inputs": int32 [B, L], "targets": int32 [B, L], "weights": float32 [B, L]},
+    weights 1 on real targets and 0 on padding; weights sum to N over all batches.
+  """
+  _check_batch_args(tokens, batch_size, seq_len)
+  tokens = np.asarray(tokens)
+  num_tokens = len(tokens)
+  num_batches = num_eval_batches(num_tokens, batch_size, seq_len)
+  padded_len = num_batches * batch_size * seq_len
+  inputs = np.full(padded_len, eos_id, dtype=np.int32)
+  targets = np.full(padded_len, eos_id, dtype=np.int32)
+  weights = np.zeros(padded_len, dtype=np.float32)
+  inputs[1:num_tokens] = tokens[:-1]
+  targets[:num_tokens] = tokens
+  weights[:num_tokens] = 1.0
+  shape = (num_batches, batch_size, seq_len)
+  inputs, targets, weights = (a.reshape(shape) for a in (inputs, targets, weights))
+  for i in range(num_batches):
+    yield {"inputs": inputs[i], "targets": targets[i], "weights": weights[i]}
+
+
+def _check_batch_args(tokens: np.ndarray, batch_size: int, seq_len: int) -> None:
+  if np.ndim(tokens) != 1:
+    raise ValueError(f"tokens must be 1-D, got shape {np.shape(tokens)}")
+  if len(tokens) == 0:
+    raise ValueError("tokens is empty")
+  if batch_size <= 0 or seq_len <= 0:
+    raise ValueError(f"batch_size and seq_len must be positive, got {batch_size}, {seq_len}")
+
+
+# ----------------------------------------------------------------------------
+# Command line.
+# ----------------------------------------------------------------------------
+
+
+def _main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(
+      prog="python -m hmoe.data",
+      description="Download WikiText, or report the word counts of the splits found.")
+  parser.add_argument("--download", action="store_true", help="fetch the official archive")
+  parser.add_argument("--dataset", default="wikitext-2", choices=DATASETS)
+  parser.add_argument("--data_dir", default=None, help=f"data root (default: ${DEFAULT_DATA_ENV} "
+                      "or ../shared/data)")
+  parser.add_argument("--url", default=None, help="archive URL override (file:// works)")
+  args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(message)s")
+  if args.download:
+    if args.data_dir is None:
+      parser.error("--download needs --data_dir")
+    download_wikitext(args.data_dir, args.dataset, args.url)
+  data_dir = resolve_data_dir(args.data_dir)
+  for split in SPLITS:
+    try:
+      path = wikitext_split_path(data_dir, args.dataset, split)
+    except (FileNotFoundError, ValueError) as e:
+      print(f"{args.dataset} {split}: {e}")
+      continue
+    print(f"{args.dataset} {split}: {count_words(path):,} words ({path})")
+
+
+if __name__ == "__main__":
+  _main()

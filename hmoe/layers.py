@@ -1,0 +1,81 @@
+"""Transformer building blocks: RMSNorm, rotary positions, causal attention, dense SwiGLU.
+
+Every parameter carries logical axis names (`embed`, `vocab`, `heads`, `kv`, `mlp`, `expert`) that
+`hmoe.sharding.LOGICAL_AXIS_RULES` maps onto mesh axes. Parameters are float32; `dtype` is the compute dtype.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hmoe.moe import swiglu
+
+_DEFAULT_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
+
+class RMSNorm(nn.Module):
+  """Root-mean-square norm (Zhang & Sennrich 2019), statistics in float32 whatever the compute dtype."""
+
+  epsilon: float = 1e-6
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (x.shape[-1],),
+                       jnp.float32)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
+    return (normed * scale).astype(self.dtype)
+
+
+def apply_rotary(x_BxLxNxH: jax.Array, base: float) -> jax.Array:
+  """Rotary position embedding (Su et al. 2021) on the last axis, positions 0..L-1, computed in float32."""
+  length, head_dim = x_BxLxNxH.shape[1], x_BxLxNxH.shape[-1]
+  inv_freq = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  angles_LxH2 = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+  sin, cos = jnp.sin(angles_LxH2)[None, :, None, :], jnp.cos(angles_LxH2)[None, :, None, :]
+  x32 = x_BxLxNxH.astype(jnp.float32)
+  first, second = jnp.split(x32, 2, axis=-1)
+  rotated = jnp.concatenate([first * cos - second * sin, first * sin + second * cos], axis=-1)
+  return rotated.astype(x_BxLxNxH.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+  num_heads: int
+  rope_base: float = 10_000.0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    width = x_BxLxD.shape[-1]
+    head_dim = width // self.num_heads
+    qkv_init = nn.with_logical_partitioning(_DEFAULT_INIT, ("embed", "qkv", "heads", "kv"))
+    w_qkv = self.param("w_qkv", qkv_init, (width, 3, self.num_heads, head_dim), jnp.float32)
+    out_init = nn.with_logical_partitioning(
+        nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2),
+        ("heads", "kv", "embed"))
+    w_out = self.param("w_out", out_init, (self.num_heads, head_dim, width), jnp.float32)
+    qkv = jnp.einsum("bld,dtnh->tblnh", x_BxLxD, w_qkv.astype(self.dtype))
+    query, key, value = qkv[0], qkv[1], qkv[2]
+    query, key = apply_rotary(query, self.rope_base), apply_rotary(key, self.rope_base)
+    attended_BxLxNxH = jax.nn.dot_product_attention(query, key, value, is_causal=True)
+    return jnp.einsum("blnh,nhd->bld", attended_BxLxNxH, w_out.astype(self.dtype))
+
+
+class DenseFeedForward(nn.Module):
+  """SwiGLU FFN `(silu(x W_gate) * x W_up) W_down` (Shazeer 2020)."""
+
+  d_ff: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    width = x_BxLxD.shape[-1]
+    in_init = nn.with_logical_partitioning(_DEFAULT_INIT, ("embed", "mlp"))
+    out_init = nn.with_logical_partitioning(_DEFAULT_INIT, ("mlp", "embed"))
+    w_gate = self.param("w_gate", in_init, (width, self.d_ff), jnp.float32)
+    w_up = self.param("w_up", in_init, (width, self.d_ff), jnp.float32)
+    w_down = self.param("w_down", out_init, (self.d_ff, width), jnp.float32)
+    return swiglu(x_BxLxD, *(w.astype(self.dtype) for w in (w_gate, w_up, w_down)), pattern="bld,df->blf")

@@ -1,0 +1,77 @@
+"""Decoder-only pre-norm Transformer language model with dense or MoE feed-forward blocks.
+
+`TransformerLM.apply(params, tokens_BxL, train=...)` returns `(logits_BxLxV, moe_stats)`, where `moe_stats` is a
+`MoEStats` whose leaves carry a leading axis over the MoE layers (None for an all-dense model).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hmoe.config import ModelConfig
+from hmoe.layers import CausalSelfAttention, DenseFeedForward, RMSNorm
+from hmoe.moe import MoEFeedForward, MoEStats
+
+
+class Block(nn.Module):
+  config: ModelConfig
+  ffn_kind: str
+
+  @nn.compact
+  def __call__(self, x_BxLxD: jax.Array, *, train: bool) -> tuple[jax.Array, MoEStats | None]:
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    attended = CausalSelfAttention(cfg.num_heads, cfg.rope_base, dtype, name="attention")(
+        RMSNorm(dtype=dtype, name="attention_norm")(x_BxLxD))
+    x_BxLxD = x_BxLxD + attended
+    normed = RMSNorm(dtype=dtype, name="ffn_norm")(x_BxLxD)
+    stats = None
+    if self.ffn_kind == "moe":
+      ffn_out, stats = MoEFeedForward(cfg.moe, dtype, name="moe")(normed, train=train)
+    else:
+      ffn_out = DenseFeedForward(cfg.d_ff, dtype, name="ffn")(normed)
+    x_BxLxD = nn.with_logical_constraint(x_BxLxD + ffn_out, ("batch", "length", "embed"))
+    return x_BxLxD, stats
+
+
+class TransformerLM(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxL: jax.Array, *, train: bool = False) -> tuple[jax.Array, MoEStats | None]:
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    embedding_VxD = self.param(
+        "embedding", nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), ("vocab", "embed")),
+        (cfg.vocab_size, cfg.d_model), jnp.float32)
+    # Unit-variance embeddings: the pre-norm blocks see normalised inputs whatever the residual scale.
+    x_BxLxD = embedding_VxD[tokens_BxL].astype(dtype)
+    x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
+    layer_stats = []
+    for layer, kind in enumerate(cfg.ffn_kinds):
+      x_BxLxD, stats = Block(cfg, kind, name=f"block_{layer}")(x_BxLxD, train=train)
+      if stats is not None:
+        layer_stats.append(stats)
+    x_BxLxD = RMSNorm(dtype=dtype, name="final_norm")(x_BxLxD)
+    if cfg.tie_embeddings:
+      # Tied output: logits = x E^T / sqrt(D) keeps initial logits O(1) with unit-variance embeddings.
+      logits_BxLxV = jnp.einsum("bld,vd->blv", x_BxLxD, embedding_VxD.astype(dtype)) / jnp.sqrt(cfg.d_model)
+    else:
+      unembed_DxV = self.param(
+          "unembed", nn.with_logical_partitioning(nn.initializers.normal(stddev=cfg.d_model**-0.5), ("embed", "vocab")),
+          (cfg.d_model, cfg.vocab_size), jnp.float32)
+      logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, unembed_DxV.astype(dtype))
+    moe_stats = jax.tree.map(lambda *leaves: jnp.stack(leaves), *layer_stats) if layer_stats else None
+    return logits_BxLxV.astype(jnp.float32), moe_stats
+
+
+def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array, weights_BxL: jax.Array | None = None
+                  ) -> tuple[jax.Array, jax.Array]:
+  """Summed token negative log-likelihood (float32) and the summed weight (number of scored tokens)."""
+  log_probs = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
+  nll_BxL = -jnp.take_along_axis(log_probs, targets_BxL[..., None], axis=-1)[..., 0]
+  if weights_BxL is None:
+    weights_BxL = jnp.ones_like(nll_BxL)
+  return jnp.sum(nll_BxL * weights_BxL), jnp.sum(weights_BxL)
