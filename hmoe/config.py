@@ -136,6 +136,8 @@ class TrainConfig:
   eval_every: int = 500
   checkpoint_every: int = 500
   keep_checkpoints: int = 3
+  # Device mesh over ("data", "expert", "model"); one -1 takes the remaining devices.
+  mesh_shape: tuple[int, int, int] = (-1, 1, 1)
 
   def validate(self) -> None:
     _require(self.num_steps >= 1, f"train.num_steps must be >= 1, got {self.num_steps}")
@@ -149,6 +151,9 @@ class TrainConfig:
     for name in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
       value = getattr(self, name)
       _require(value >= 1, f"train.{name} must be >= 1, got {value}")
+    _require(len(self.mesh_shape) == 3 and all(size == -1 or size >= 1 for size in self.mesh_shape)
+             and list(self.mesh_shape).count(-1) <= 1,
+             f"train.mesh_shape={self.mesh_shape} must be 3 sizes (data, expert, model), at most one of them -1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +186,7 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
   for key, value in values.items():
     if key == "moe":
       value = _build(MoEConfig, value, prefix + "moe.")
-    elif key == "eval_splits":
+    elif key in ("eval_splits", "mesh_shape"):
       value = tuple(value)
     kwargs[key] = value
   return cls(**kwargs)

@@ -2,13 +2,12 @@
 
 Axis names: B batch, L sequence length, N tokens in a split.
 
-Conventions (standard WikiText): a split file is a sequence of lines ending in "\\n";
-every line, empty ones included, counts as `line.split() + ["<eos>"]` words, and
-the encoded token stream has one `<eos>` id after every line. Word-level perplexity
-is exp(total NLL over the split / `count_words`), comparable with published results.
+Conventions (standard WikiText): a split file is a sequence of lines ending in "\\n"; every line, empty ones
+included, counts as `line.split() + ["<eos>"]` words, and the encoded token stream has one `<eos>` id after every
+line. Word-level perplexity is exp(total NLL over the split / `count_words`), comparable with published results.
 
-Batching is stateless: `train_batch` derives the batch for a step from
-(seed, step) alone, so a resumed run continues exactly by step number.
+Batching is stateless: `train_batch` derives the batch for a step from (seed, step) alone, so a resumed run continues
+exactly by step number.
 """
 
 from __future__ import annotations
@@ -64,25 +63,22 @@ class _LineTokenizer(Protocol):
 def resolve_data_dir(data_dir: PathLike | None = None) -> pathlib.Path:
   """Returns the data root holding `wikitext-2/` and `wikitext-103/`.
 
-  Order: `data_dir` if given; else $HMOE_DATA_DIR; else the first existing of
-  `./../shared/data` and `<repo root>/../shared/data`.
+  Order: `data_dir` if given; else $HMOE_DATA_DIR; else the first existing of `./../shared/data` and
+  `<repo root>/../shared/data`.
   """
   if data_dir is not None:
     return pathlib.Path(data_dir)
   from_env = os.environ.get(DEFAULT_DATA_ENV)
   if from_env:
     return pathlib.Path(from_env)
-  candidates = [pathlib.Path.cwd() / ".." / "shared" / "data",
-                _REPO_ROOT / ".." / "shared" / "data"]
+  candidates = [pathlib.Path.cwd() / ".." / "shared" / "data", _REPO_ROOT / ".." / "shared" / "data"]
   for candidate in candidates:
     if candidate.is_dir():
       return candidate.resolve()
   raise FileNotFoundError(
-      "no data directory found: tried "
-      + ", ".join(str(c) for c in candidates)
-      + f". Pass --data_dir=DIR or set ${DEFAULT_DATA_ENV}=DIR; to fetch WikiText "
-      "into DIR run `python -m hmoe.data --download --dataset=wikitext-2 --data_dir=DIR`."
-  )
+      f"no data directory found: tried {', '.join(map(str, candidates))}. Pass --data_dir=DIR or set "
+      f"${DEFAULT_DATA_ENV}=DIR; to fetch WikiText into DIR run "
+      "`python -m hmoe.data --download --dataset=wikitext-2 --data_dir=DIR`.")
 
 
 def _check_dataset(dataset: str) -> None:
@@ -97,10 +93,8 @@ def wikitext_split_path(data_dir: PathLike, dataset: str, split: str) -> pathlib
     raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
   path = pathlib.Path(data_dir) / dataset / f"wiki.{split}.tokens"
   if not path.is_file():
-    raise FileNotFoundError(
-        f"WikiText file not found: {path}. Fetch it with `python -m hmoe.data "
-        f"--download --dataset={dataset} --data_dir={data_dir}`."
-    )
+    raise FileNotFoundError(f"WikiText file not found: {path}. Fetch it with "
+                            f"`python -m hmoe.data --download --dataset={dataset} --data_dir={data_dir}`.")
   if _is_blank(path):
     raise ValueError(f"WikiText file is empty (no non-whitespace text): {path}")
   return path
@@ -114,21 +108,17 @@ def _is_blank(path: pathlib.Path) -> bool:
   return True
 
 
-def download_wikitext(
-    data_dir: PathLike, dataset: str, url: str | None = None
-) -> pathlib.Path:
+def download_wikitext(data_dir: PathLike, dataset: str, url: str | None = None) -> pathlib.Path:
   """Fetches an official WikiText archive and extracts its `wiki.*.tokens` files.
 
   Args:
     data_dir: Data root; files land in `<data_dir>/<dataset>/`.
     dataset: "wikitext-2" or "wikitext-103".
-    url: Archive URL (any scheme urllib handles, file:// included); defaults to
-      the official smerity.com zip.
+    url: Archive URL (any scheme urllib handles, file:// included); defaults to the official smerity.com zip.
 
   Returns:
-    `<data_dir>/<dataset>`. Existing split files there are replaced. Each file
-    appears atomically (extracted into a temp dir, then renamed), so an
-    interrupted download never leaves a truncated split behind.
+    `<data_dir>/<dataset>`. Existing split files there are replaced. Each file appears atomically (extracted into a
+    temp dir, then renamed), so an interrupted download never leaves a truncated split behind.
   """
   _check_dataset(dataset)
   url = url or WIKITEXT_URLS[dataset]
@@ -166,9 +156,7 @@ def _extract_split_files(archive: pathlib.Path, out_dir: pathlib.Path, url: str)
           shutil.copyfileobj(src, dst)
         found.append(name)
     if sorted(found) != sorted(wanted):
-      raise ValueError(
-          f"archive {url} lacks {sorted(wanted - set(found))}; members: {zf.namelist()[:20]}"
-      )
+      raise ValueError(f"archive {url} lacks {sorted(wanted - set(found))}; members: {zf.namelist()[:20]}")
   return sorted(found)
 
 
@@ -178,9 +166,8 @@ def _extract_split_files(archive: pathlib.Path, out_dir: pathlib.Path, url: str)
 
 
 def _split_lines(raw: bytes) -> list[str]:
-  # Only "\n" separates lines (str.splitlines would also split on \x1c, \u2028,
-  # ...), and a final "\n" does not start another line: this reproduces the
-  # official counts.
+  # Only "\n" separates lines (str.splitlines would also split on \x1c, \u2028, ...), and a final "\n" does not
+  # start another line: this reproduces the official counts.
   lines = raw.decode("utf-8").split("\n")
   if lines[-1] == "":
     lines.pop()
@@ -194,8 +181,8 @@ def _count_words_in_lines(lines: list[str]) -> int:
 def count_words(path: PathLike) -> int:
   """Number of WikiText words in a file: whitespace tokens plus one `<eos>` per line.
 
-  Every line counts, empty ones included, which reproduces the official counts
-  (WikiText-2 train 2,088,628 / valid 217,646 / test 245,569).
+  Every line counts, empty ones included, which reproduces the official counts (WikiText-2 train 2,088,628 /
+  valid 217,646 / test 245,569).
   """
   return _count_words_in_lines(_split_lines(pathlib.Path(path).read_bytes()))
 
@@ -215,18 +202,14 @@ class SplitTokens:
   path: str
 
 
-def load_split(
-    tokenizer: _LineTokenizer, path: PathLike, cache_dir: PathLike | None = None
-) -> SplitTokens:
+def load_split(tokenizer: _LineTokenizer, path: PathLike, cache_dir: PathLike | None = None) -> SplitTokens:
   """Encodes a split file line by line, appending the eos id after each line.
 
   Args:
-    tokenizer: An `hmoe.tokenizer.Tokenizer` (anything with `encode_batch`,
-      `eos_id` and `fingerprint`).
+    tokenizer: An `hmoe.tokenizer.Tokenizer` (anything with `encode_batch`, `eos_id` and `fingerprint`).
     path: A WikiText-style file; empty lines encode to just eos.
-    cache_dir: If given, the int32 array is cached there as
-      `<file name>.<key>.npy`, the key hashing the file's size and contents and
-      the tokenizer fingerprint, so a changed file or tokenizer misses the cache.
+    cache_dir: If given, the int32 array is cached there as `<file name>.<key>.npy`, the key hashing the file's
+      size and contents and the tokenizer fingerprint, so a changed file or tokenizer misses the cache.
 
   Returns:
     SplitTokens with tokens int32 [N].
@@ -254,16 +237,9 @@ def load_split(
 
 def _encode_lines(tokenizer: _LineTokenizer, lines: list[str]) -> np.ndarray:
   """int32 [N]: the lines' ids, each line followed by eos."""
+  eos = (tokenizer.eos_id,)
   encoded = tokenizer.encode_batch([line.strip() for line in lines])
-  lengths = np.array([len(ids) + 1 for ids in encoded], dtype=np.int64)
-  tokens = np.empty(int(lengths.sum()), dtype=np.int32)
-  ends = np.cumsum(lengths)
-  tokens[ends - 1] = tokenizer.eos_id
-  flat = [i for ids in encoded for i in ids]
-  is_text = np.ones(tokens.shape, dtype=bool)
-  is_text[ends - 1] = False
-  tokens[is_text] = np.asarray(flat, dtype=np.int32)
-  return tokens
+  return np.array([i for ids in encoded for i in (*ids, *eos)], dtype=np.int32)
 
 
 def _save_npy_atomic(path: pathlib.Path, array: np.ndarray) -> None:
@@ -290,16 +266,13 @@ def _epoch_order(seed: int, epoch: int, num_windows: int) -> np.ndarray:
   return order
 
 
-def train_batch(
-    tokens: np.ndarray, step: int, batch_size: int, seq_len: int, seed: int
-) -> dict[str, np.ndarray]:
+def train_batch(tokens: np.ndarray, step: int, batch_size: int, seq_len: int, seed: int) -> dict[str, np.ndarray]:
   """The training batch for `step`, a pure function of its arguments.
 
-  The stream is cut into windows of seq_len + 1 tokens starting at multiples of
-  seq_len (consecutive windows share one token, so every token but the first is a
-  target once per epoch). Epoch e visits all windows in the order
-  `default_rng([seed, e]).permutation(num_windows)`; step s takes windows
-  [s*B, (s+1)*B) of the concatenated epoch orders, so a batch may span two epochs.
+  The stream is cut into windows of seq_len + 1 tokens starting at multiples of seq_len (consecutive windows share
+  one token, so each token after the first, up to the last whole window, is a target once per epoch). Epoch e visits
+  all windows in the order `default_rng([seed, e]).permutation(num_windows)`; step s takes windows [s*B, (s+1)*B) of
+  the concatenated epoch orders, so a batch may span two epochs.
 
   Args:
     tokens: int [N] token stream.
@@ -316,10 +289,8 @@ def train_batch(
     raise ValueError(f"step must be >= 0, got {step}")
   num_windows = (len(tokens) - 1) // seq_len
   if num_windows < batch_size:
-    raise ValueError(
-        f"split of {len(tokens)} tokens has {num_windows} windows of seq_len+1="
-        f"{seq_len + 1}, fewer than batch_size={batch_size}"
-    )
+    raise ValueError(f"split of {len(tokens)} tokens has {num_windows} windows of seq_len+1={seq_len + 1}, "
+                     f"fewer than batch_size={batch_size}")
   flat = step * batch_size + np.arange(batch_size)
   epochs, positions = np.divmod(flat, num_windows)
   windows = np.empty(batch_size, dtype=np.int64)
@@ -338,16 +309,13 @@ def num_eval_batches(num_tokens: int, batch_size: int, seq_len: int) -> int:
   return -(-num_windows // batch_size)
 
 
-def eval_batches(
-    tokens: np.ndarray, batch_size: int, seq_len: int, eos_id: int
-) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, eos_id: int) -> Iterator[dict[str, np.ndarray]]:
   """Batches covering the whole split; every token is a target exactly once.
 
-  One eos is prepended as beginning-of-text context (the token before a split's
-  first line is conceptually the previous line's eos), and the shifted stream is
-  cut into consecutive, non-overlapping windows of seq_len. The final partial
-  window and the final partial batch are padded with eos_id and weight 0, so every
-  batch has the same static shape and eval compiles once.
+  One eos is prepended as beginning-of-text context (the token before a split's first line is conceptually the
+  previous line's eos), and the shifted stream is cut into consecutive, non-overlapping windows of seq_len. The final
+  partial window and the final partial batch are padded with eos_id and weight 0, so every batch has the same static
+  shape and eval compiles once.
 
   Args:
     tokens: int [N] token stream.
@@ -355,12 +323,16 @@ def eval_batches(
     seq_len: L.
     eos_id: Used as the leading context token and as padding.
 
-  Yields:
-    {"inputs": int32 [B, L], "targets": int32 [B, L], "weights": float32 [B, L]},
-    weights 1 on real targets and 0 on padding; weights sum to N over all batches.
+  Returns:
+    An iterator of `num_eval_batches(N, B, L)` dicts {"inputs": int32 [B, L], "targets": int32 [B, L],
+    "weights": float32 [B, L]}, weights 1 on real targets and 0 on padding; weights sum to N over all batches.
   """
+  # Validated here, not inside the generator, so bad arguments fail at the call.
   _check_batch_args(tokens, batch_size, seq_len)
-  tokens = np.asarray(tokens)
+  return _eval_batches(np.asarray(tokens), batch_size, seq_len, eos_id)
+
+
+def _eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, eos_id: int) -> Iterator[dict[str, np.ndarray]]:
   num_tokens = len(tokens)
   num_batches = num_eval_batches(num_tokens, batch_size, seq_len)
   padded_len = num_batches * batch_size * seq_len
@@ -391,13 +363,11 @@ def _check_batch_args(tokens: np.ndarray, batch_size: int, seq_len: int) -> None
 
 
 def _main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(
-      prog="python -m hmoe.data",
-      description="Download WikiText, or report the word counts of the splits found.")
+  parser = argparse.ArgumentParser(prog="python -m hmoe.data",
+                                   description="Download WikiText and/or report the word counts of its splits.")
   parser.add_argument("--download", action="store_true", help="fetch the official archive")
   parser.add_argument("--dataset", default="wikitext-2", choices=DATASETS)
-  parser.add_argument("--data_dir", default=None, help=f"data root (default: ${DEFAULT_DATA_ENV} "
-                      "or ../shared/data)")
+  parser.add_argument("--data_dir", default=None, help=f"data root (default: ${DEFAULT_DATA_ENV} or ../shared/data)")
   parser.add_argument("--url", default=None, help="archive URL override (file:// works)")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -1,0 +1,130 @@
+"""Train state, optimizer and the pure train/eval step functions.
+
+The train step is a module-level pure function `(state, batch) -> (state, metrics)`; `hmoe.train` jits it once with
+shardings and donation. Randomness is derived from `(state.rng, state.step)`, and data position is the step number
+(`hmoe.data.train_batch` is stateless), so a checkpointed `TrainState` is everything needed to resume exactly.
+
+NaN guard: if the loss or gradient norm is not finite, the update is skipped and `state.nan_step` records the step;
+from then on the state is frozen, so whenever the host notices, the state still holds the last good parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from hmoe.config import ExperimentConfig, TrainConfig
+from hmoe.model import TransformerLM, cross_entropy
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 [] number of completed (good) updates.
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # uint32 [2] base key; per-step keys are fold_in(rng, step).
+  nan_step: jax.Array  # int32 [] first step whose loss was not finite, -1 if none.
+
+
+def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
+  """Linear warmup to `learning_rate`, then cosine decay to `learning_rate * min_lr_ratio`."""
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.warmup_steps,
+      decay_steps=config.num_steps, end_value=config.learning_rate * config.min_lr_ratio)
+
+
+def _decay_mask(params: Any) -> Any:
+  # No weight decay on norm scales (1-d); matrices, embeddings and routers are decayed.
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+  return optax.chain(
+      optax.clip_by_global_norm(config.grad_clip_norm),
+      optax.adamw(learning_rate_schedule(config), b1=config.b1, b2=config.b2,
+                  weight_decay=config.weight_decay, mask=_decay_mask),
+  )
+
+
+def init_boxed_train_state(model: TransformerLM, optimizer: optax.GradientTransformation,
+                           config: ExperimentConfig) -> TrainState:
+  """Train state whose params and moments still carry their `nn.LogicallyPartitioned` axis names.
+
+  Only for `jax.eval_shape`, to read the partition specs (`hmoe.sharding.logical_shardings`).
+  """
+  rng = jax.random.PRNGKey(config.train.seed)
+  init_rng, state_rng = jax.random.split(rng)
+  tokens = jnp.zeros((config.data.batch_size, config.data.seq_len), jnp.int32)
+  params = model.init({"params": init_rng, "jitter": init_rng}, tokens, train=False)["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), rng=state_rng,
+                    nan_step=jnp.full((), -1, jnp.int32))
+
+
+def init_train_state(model: TransformerLM, optimizer: optax.GradientTransformation, config: ExperimentConfig
+                     ) -> TrainState:
+  """Initial parameters (plain arrays) and optimizer state. Pure, so it can be jitted with output shardings."""
+  return nn.meta.unbox(init_boxed_train_state(model, optimizer, config))
+
+
+def _moe_loss_and_metrics(moe_stats, config: ExperimentConfig) -> tuple[jax.Array, Metrics]:
+  if moe_stats is None:
+    return jnp.zeros((), jnp.float32), {}
+  moe_cfg = config.model.moe
+  # Auxiliary losses are summed over MoE layers, each layer weighted as in Switch / ST-MoE.
+  aux = (moe_cfg.balance_loss_weight * jnp.sum(moe_stats.balance_loss)
+         + moe_cfg.z_loss_weight * jnp.sum(moe_stats.z_loss))
+  metrics = {
+      "balance_loss": jnp.mean(moe_stats.balance_loss),
+      "z_loss": jnp.mean(moe_stats.z_loss),
+      "expert_load": moe_stats.expert_load,  # [num_moe_layers, E]
+      "num_dropped": jnp.sum(moe_stats.num_dropped),
+      "num_assignments": jnp.sum(moe_stats.num_assignments),
+  }
+  return aux, metrics
+
+
+def train_step(state: TrainState, batch: Batch, *, model: TransformerLM, optimizer: optax.GradientTransformation,
+               config: ExperimentConfig) -> tuple[TrainState, Metrics]:
+  """One AdamW update on `batch` ({"inputs", "targets"} int32 [B, L]); returns the new state and step metrics."""
+  jitter_rng = jax.random.fold_in(state.rng, state.step)
+
+  def loss_fn(params):
+    logits, moe_stats = model.apply({"params": params}, batch["inputs"], train=True, rngs={"jitter": jitter_rng})
+    nll_sum, count = cross_entropy(logits, batch["targets"])
+    ce = nll_sum / count
+    aux, metrics = _moe_loss_and_metrics(moe_stats, config)
+    return ce + aux, {"ce_loss": ce, **metrics}
+
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_norm = optax.global_norm(grads)
+  updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+
+  healthy = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (state.nan_step < 0)
+  keep_new = lambda new, old: jax.tree.map(lambda n, o: jnp.where(healthy, n, o), new, old)
+  new_state = state.replace(
+      step=jnp.where(healthy, state.step + 1, state.step),
+      params=keep_new(new_params, state.params),
+      opt_state=keep_new(new_opt_state, state.opt_state),
+      nan_step=jnp.where((state.nan_step < 0) & ~healthy, state.step, state.nan_step),
+  )
+  metrics.update(loss=loss, grad_norm=grad_norm, learning_rate=learning_rate_schedule(config.train)(state.step))
+  return new_state, metrics
+
+
+def eval_step(params: Any, batch: Batch, *, model: TransformerLM) -> Metrics:
+  """Summed NLL and token count of one padded eval batch ({"inputs", "targets", "weights"})."""
+  logits, moe_stats = model.apply({"params": params}, batch["inputs"], train=False)
+  nll_sum, count = cross_entropy(logits, batch["targets"], batch["weights"])
+  metrics = {"nll_sum": nll_sum, "num_tokens": count}
+  if moe_stats is not None:
+    metrics["num_dropped"] = jnp.sum(moe_stats.num_dropped)
+  return metrics

@@ -1,0 +1,179 @@
+"""The training loop: data, sharded state, resume, jitted steps, logging, evaluation and checkpoints.
+
+Read top to bottom: each section of `train_and_evaluate` is one phase of a run. Everything the loop needs to continue
+exactly after an interruption (params, optimizer moments, step = data position, RNG) is inside the checkpointed
+`TrainState`; the tokenizer and encoded splits are cached in the workdir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+import time
+from typing import Any
+
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from hmoe import checkpoint, data, metrics, sharding, step as step_lib
+from hmoe.config import ExperimentConfig
+from hmoe.model import TransformerLM
+from hmoe.tokenizer import Tokenizer, load_or_train_tokenizer
+
+
+@dataclasses.dataclass
+class _Corpus:
+  tokenizer: Tokenizer
+  train: data.SplitTokens
+  eval_splits: dict[str, data.SplitTokens]
+
+
+def load_corpus(config: ExperimentConfig, workdir: pathlib.Path) -> _Corpus:
+  """Trains (or loads the cached) tokenizer on the train split and encodes every split the run needs."""
+  data_dir = data.resolve_data_dir(config.data.data_dir)
+  paths = {split: data.wikitext_split_path(data_dir, config.data.dataset, split)
+           for split in ("train", *config.data.eval_splits)}
+  tokenizer = load_or_train_tokenizer(paths["train"], config.model.vocab_size, workdir / "tokenizer.json")
+  if tokenizer.vocab_size > config.model.vocab_size:
+    raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size={config.model.vocab_size}")
+  cache_dir = workdir / "token_cache"
+  return _Corpus(
+      tokenizer=tokenizer,
+      train=data.load_split(tokenizer, paths["train"], cache_dir=cache_dir),
+      eval_splits={split: data.load_split(tokenizer, paths[split], cache_dir=cache_dir)
+                   for split in config.data.eval_splits},
+  )
+
+
+def evaluate(eval_fn, params: Any, split: data.SplitTokens, config: ExperimentConfig, eos_id: int
+             ) -> dict[str, float]:
+  """Scores every token of a split once. Word-level perplexity = exp(total NLL / WikiText word count)."""
+  totals = None
+  for batch in data.eval_batches(split.tokens, config.data.eval_batch_size, config.data.seq_len, eos_id):
+    batch_metrics = eval_fn(params, batch)
+    # Summing device arrays keeps the loop asynchronous: one host sync per split, not per batch.
+    totals = batch_metrics if totals is None else jax.tree.map(jnp.add, totals, batch_metrics)
+  totals = jax.device_get(totals)
+  nll_sum, num_tokens = float(totals["nll_sum"]), float(totals["num_tokens"])
+  return {
+      "loss": nll_sum / num_tokens,
+      "token_perplexity": metrics.perplexity(nll_sum, num_tokens),
+      "word_perplexity": metrics.perplexity(nll_sum, split.num_words),
+      "num_tokens": num_tokens,
+      "num_words": split.num_words,
+  }
+
+
+def _summarise_train_metrics(history: list[dict[str, jax.Array]], tokens: int, seconds: float) -> dict[str, Any]:
+  stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *history))
+  summary = {key: float(np.mean(value)) for key, value in stacked.items()
+             if key not in ("expert_load", "num_dropped", "num_assignments")}
+  summary["perplexity"] = metrics.perplexity(summary["ce_loss"], 1.0)
+  summary["tokens_per_second"] = tokens / seconds
+  if "expert_load" in stacked:
+    load_LxE = stacked["expert_load"].mean(axis=0)
+    summary.update(metrics.load_balance(load_LxE))
+    summary["expert_load"] = load_LxE
+    summary["dropped_fraction"] = float(stacked["num_dropped"].sum() / stacked["num_assignments"].sum())
+  return summary
+
+
+def train_and_evaluate(config: ExperimentConfig, workdir: str | pathlib.Path) -> dict[str, Any]:
+  """Trains `config` in `workdir` (resuming if it holds checkpoints) and returns the final evaluation."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+  train_cfg = config.train
+
+  # ---------------------------------------------------------------- Data.
+  corpus = load_corpus(config, workdir)
+  tokens_per_step = config.data.batch_size * config.data.seq_len
+  logging.info("train split: %d tokens (%d words); %d tokens per step", len(corpus.train.tokens),
+               corpus.train.num_words, tokens_per_step)
+
+  # ---------------------------------------------------------------- Model, mesh and sharded state.
+  model = TransformerLM(config.model)
+  optimizer = step_lib.make_optimizer(train_cfg)
+  mesh = sharding.make_mesh(train_cfg.mesh_shape)
+  logging.info("devices: %s; mesh %s", jax.devices(), dict(mesh.shape))
+  abstract_boxed = jax.eval_shape(functools.partial(step_lib.init_boxed_train_state, model, optimizer, config))
+  state_sharding = sharding.logical_shardings(abstract_boxed, mesh)
+  batch_sharding = sharding.batch_sharding(mesh)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+    init_fn = jax.jit(functools.partial(step_lib.init_train_state, model, optimizer, config),
+                      out_shardings=state_sharding)
+    state = init_fn()
+  counts = metrics.parameter_counts(state.params, config.model)
+  logging.info("parameters: %s", counts)
+
+  # ---------------------------------------------------------------- Resume.
+  checkpointer = checkpoint.Checkpointer(workdir / "checkpoints", keep=train_cfg.keep_checkpoints)
+  restored = checkpointer.restore(checkpoint.abstract_like(state))
+  if restored is not None:
+    state = restored[1]
+    logging.info("resumed from checkpoint at step %d", restored[0])
+  start_step = int(state.step)
+
+  # ---------------------------------------------------------------- Compiled steps.
+  train_fn = jax.jit(
+      functools.partial(step_lib.train_step, model=model, optimizer=optimizer, config=config),
+      in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None), donate_argnums=0)
+  eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=model),
+                    in_shardings=(state_sharding.params, batch_sharding))
+  writer = metrics.MetricsWriter(workdir / "metrics.jsonl")
+
+  def run_evals(params, step: int, splits) -> dict[str, dict[str, float]]:
+    results = {}
+    for split in splits:
+      results[split] = evaluate(eval_fn, params, corpus.eval_splits[split], config, corpus.tokenizer.eos_id)
+      writer.write(step, {f"{split}/{key}": value for key, value in results[split].items()})
+      logging.info("step %d %s: loss %.4f, word perplexity %.2f", step, split, results[split]["loss"],
+                   results[split]["word_perplexity"])
+    return results
+
+  def stop_if_diverged(state) -> None:
+    nan_step = int(state.nan_step)
+    if nan_step >= 0:
+      checkpointer.save(nan_step, state, force=True)
+      raise FloatingPointError(
+          f"loss or gradient became non-finite at step {nan_step}; training stopped. The state from before that step "
+          f"is saved as checkpoint {nan_step} in {checkpointer.directory}.")
+
+  # ---------------------------------------------------------------- Train.
+  history, window_start, window_tokens = [], time.perf_counter(), 0
+  progress = tqdm.tqdm(total=train_cfg.num_steps, initial=start_step, desc="train", unit="step",
+                       dynamic_ncols=True, mininterval=5.0)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+    for step in range(start_step, train_cfg.num_steps):
+      batch = data.train_batch(corpus.train.tokens, step, config.data.batch_size, config.data.seq_len,
+                               train_cfg.seed)
+      state, step_metrics = train_fn(state, batch)
+      history.append(step_metrics)
+      window_tokens += tokens_per_step
+      progress.update(1)
+      done = step + 1
+      if done % train_cfg.log_every == 0 or done == train_cfg.num_steps:
+        stop_if_diverged(state)
+        summary = _summarise_train_metrics(history, window_tokens, time.perf_counter() - window_start)
+        writer.write(done, {f"train/{key}": value for key, value in summary.items()})
+        progress.set_postfix(loss=f"{summary['ce_loss']:.3f}", tok_s=f"{summary['tokens_per_second']:.0f}")
+        history, window_tokens = [], 0
+      if done % train_cfg.eval_every == 0 and done != train_cfg.num_steps:
+        run_evals(state.params, done, ("valid",) if "valid" in corpus.eval_splits else ())
+      if done % train_cfg.checkpoint_every == 0 or done == train_cfg.num_steps:
+        stop_if_diverged(state)
+        checkpointer.save(done, state)
+      if not history:
+        window_start = time.perf_counter()
+    progress.close()
+    stop_if_diverged(state)
+    results = run_evals(state.params, int(state.step), config.data.eval_splits)
+  checkpointer.close()
+  return {"step": int(state.step), **counts, **{f"{split}/{key}": value for split, values in results.items()
+                                                for key, value in values.items()}}
