@@ -29,8 +29,11 @@ class MoEConfig:
   top_k: int = 2
   expert_ff: int = 256  # Hidden width F of each SwiGLU expert.
   capacity_factor: float = 1.25  # C = ceil(capacity_factor * T * K / E) per group; ignored when dropless.
-  eval_capacity_factor: float = 2.0
+  eval_capacity_factor: float = 2.0  # Used at evaluation only when eval_dropless is False.
   dropless: bool = False  # Block-sparse grouped matmul: no token is ever dropped.
+  # Evaluate without drops. Capacity priority is k-major (GShard), so a later token's first choice can evict an
+  # earlier token's second choice: with drops, perplexity would see a sliver of the future.
+  eval_dropless: bool = True
   dispatch: str = "sort"  # "sort": sort + gather into [E, C, D]; "einsum": GShard one-hot einsum (reference/TPU).
   num_groups: int = 1  # Tokens are routed within groups (set to the data-parallel size on a pod).
   balance_loss_weight: float = 0.01  # Switch Transformer load-balancing loss.

@@ -131,7 +131,9 @@ def einsum_masks(expert_index_TxK: jax.Array, gates_TxK: jax.Array, num_experts:
                     .reshape(top_k, num_tokens, num_experts) - 1) * one_hot_KxTxE
   position_KxT = jnp.sum(position_KxTxE, axis=-1)
   kept_KxT = position_KxT < capacity
-  slot_KxTxExC = (one_hot_KxTxE * kept_KxT[..., None])[..., None] * jax.nn.one_hot(position_KxT, capacity)[:, :, None]
-  dispatch_TxExC = jnp.sum(slot_KxTxExC, axis=0)
-  combine_TxExC = jnp.einsum("ktec,tk->tec", slot_KxTxExC, gates_TxK)
+  expert_KxTxE = (one_hot_KxTxE * kept_KxT[..., None]).astype(jnp.float32)
+  slot_KxTxC = jax.nn.one_hot(position_KxT, capacity, dtype=jnp.float32)
+  # Contract k inside the einsum so the [K, T, E, C] product is never materialised.
+  dispatch_TxExC = jnp.einsum("kte,ktc->tec", expert_KxTxE, slot_KxTxC)
+  combine_TxExC = jnp.einsum("kte,ktc,tk->tec", expert_KxTxE, slot_KxTxC, gates_TxK)
   return dispatch_TxExC, combine_TxExC, kept_KxT.reshape(-1)

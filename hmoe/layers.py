@@ -27,7 +27,7 @@ class RMSNorm(nn.Module):
                        jnp.float32)
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
-    return (normed * scale).astype(self.dtype)
+    return (normed * scale.reshape((1,) * (x.ndim - 1) + (-1,))).astype(self.dtype)
 
 
 def apply_rotary(x_BxLxNxH: jax.Array, base: float) -> jax.Array:

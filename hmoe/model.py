@@ -44,9 +44,10 @@ class TransformerLM(nn.Module):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     embedding_VxD = self.param(
-        "embedding", nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), ("vocab", "embed")),
+        "embedding", nn.with_logical_partitioning(nn.initializers.normal(stddev=cfg.d_model**-0.5), ("vocab", "embed")),
         (cfg.vocab_size, cfg.d_model), jnp.float32)
-    # Unit-variance embeddings: the pre-norm blocks see normalised inputs whatever the residual scale.
+    # Embeddings start at norm ~1, small next to the blocks' outputs: a larger scale makes a tied model start by
+    # predicting its own input token with a logit of ~sqrt(D). The pre-norm blocks normalise their inputs anyway.
     x_BxLxD = embedding_VxD[tokens_BxL].astype(dtype)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
     layer_stats = []
@@ -56,8 +57,8 @@ class TransformerLM(nn.Module):
         layer_stats.append(stats)
     x_BxLxD = RMSNorm(dtype=dtype, name="final_norm")(x_BxLxD)
     if cfg.tie_embeddings:
-      # Tied output: logits = x E^T / sqrt(D) keeps initial logits O(1) with unit-variance embeddings.
-      logits_BxLxV = jnp.einsum("bld,vd->blv", x_BxLxD, embedding_VxD.astype(dtype)) / jnp.sqrt(cfg.d_model)
+      # Tied output: |x| = sqrt(D) after the final norm and entries of E have std 1/sqrt(D), so logits start O(1).
+      logits_BxLxV = jnp.einsum("bld,vd->blv", x_BxLxD, embedding_VxD.astype(dtype))
     else:
       unembed_DxV = self.param(
           "unembed", nn.with_logical_partitioning(nn.initializers.normal(stddev=cfg.d_model**-0.5), ("embed", "vocab")),

@@ -50,8 +50,9 @@ def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, 
 
 
 def _expert_param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...]) -> jax.Array:
-  # Fan-in scaled init per expert (the fan-in is shape[1], not the stacked expert axis).
-  init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=1, out_axis=2)
+  # Fan-in scaled init per expert. batch_axis keeps the stacked expert axis out of the fan-in; without it every
+  # expert starts sqrt(E) too small.
+  init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=1, out_axis=2, batch_axis=(0,))
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
 
 
@@ -92,14 +93,20 @@ class MoEFeedForward(nn.Module):
     )
     return y_GxTxD.reshape(batch, length, width), stats
 
+  def _dropless(self, train: bool) -> bool:
+    return self.config.dropless or (not train and self.config.eval_dropless)
+
   def _capacity(self, num_tokens: int, train: bool) -> int:
+    if self._dropless(train):
+      return num_tokens  # A token uses an expert at most once, so T slots per expert never drop.
     factor = self.config.capacity_factor if train else self.config.eval_capacity_factor
     return dispatch.expert_capacity(num_tokens, self.config.num_experts, self.config.top_k, factor)
 
   def _sort_path(self, x_GxTxD, route, weights, train):
     cfg = self.config
     num_tokens = x_GxTxD.shape[1]
-    if cfg.dropless:
+    dropless = self._dropless(train)
+    if dropless:
       plan = jax.vmap(dispatch.plan_dropless, in_axes=(0, None, None))(
           route.expert_index, cfg.num_experts, cfg.dropless_block_size)
     else:
@@ -110,7 +117,7 @@ class MoEFeedForward(nn.Module):
     num_blocks = plan.block_expert.shape[-1]
     rows_GxNxSxD = rows_GxRxD.reshape(rows_GxRxD.shape[0], num_blocks, -1, rows_GxRxD.shape[-1])
     with jax.named_scope("experts"):
-      if cfg.dropless:
+      if dropless:
         # Each row block multiplies its own expert's weights: gather them per block.
         block_weights = [w[plan.block_expert] for w in weights]
         y_GxNxSxD = swiglu(rows_GxNxSxD, *block_weights, pattern="gnsd,gndf->gnsf")

@@ -1,0 +1,51 @@
+"""Config validation: bad values fail with a message naming them, before anything compiles."""
+
+import pytest
+
+from experiments.configs import small, tiny
+from hmoe.config import from_config_dict
+
+
+def _tiny(**overrides):
+  raw = tiny.get_config().to_dict()
+  for dotted, value in overrides.items():
+    section, *path = dotted.split("__")
+    target = raw[section]
+    for key in path[:-1]:
+      target = target[key]
+    target[path[-1]] = value
+  return raw
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"model__moe__top_k": 5}, "moe.top_k=5"),
+    ({"model__num_heads": 3}, "num_heads=3 must divide model.d_model=32"),
+    ({"model__ffn_pattern": "dense,mixture"}, "unknown kinds ['mixture']"),
+    ({"model__dtype": "float16"}, "model.dtype='float16'"),
+    ({"model__moe__capacity_factor": 0.0}, "moe.capacity_factor must be > 0"),
+    ({"model__moe__dispatch": "ragged"}, "moe.dispatch='ragged'"),
+    ({"data__seq_len": 64}, "data.seq_len=64 exceeds model.max_len=32"),
+    ({"data__dataset": "ptb"}, "data.dataset='ptb'"),
+    ({"train__warmup_steps": 100}, "train.warmup_steps=100"),
+    ({"train__learning_rate": -1.0}, "train.learning_rate must be > 0"),
+    ({"model__moe__num_groups": 3}, "moe.num_groups=3 must divide"),
+    ({"model__moe__typo_field": 1}, "model.moe.typo_field"),
+    ({"train__mesh_shape": (-1, -1, 1)}, "train.mesh_shape"),
+])
+def test_invalid_values_are_named(overrides, message):
+  with pytest.raises(ValueError) as error:
+    from_config_dict(_tiny(**overrides))
+  assert message in str(error.value)
+
+
+def test_shipped_configs_are_valid():
+  assert from_config_dict(tiny.get_config()).model.num_moe_layers == 1
+  assert from_config_dict(small.get_config("moe")).model.ffn_kinds == ("moe",) * 4
+  assert from_config_dict(small.get_config("dense")).model.num_moe_layers == 0
+  with pytest.raises(ValueError, match="variant"):
+    small.get_config("sparse")
+
+
+def test_moe_fields_ignored_for_dense_models():
+  # An all-dense model does not validate (or need) MoE settings.
+  from_config_dict(_tiny(model__ffn_pattern="dense", model__moe__top_k=99))

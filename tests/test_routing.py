@@ -1,0 +1,54 @@
+"""Router invariants: gates, losses and float32 routing."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hmoe.routing import Router, load_balancing_loss, router_z_loss, top_k_routing
+
+
+def test_gates_sum_to_one_and_experts_are_distinct():
+  logits = jax.random.normal(jax.random.PRNGKey(0), (64, 8))
+  route = top_k_routing(logits, top_k=3)
+  chex.assert_shape(route.gates, (64, 3))
+  chex.assert_trees_all_close(jnp.sum(route.gates, axis=-1), jnp.ones(64), atol=1e-6)
+  assert bool(jnp.all(route.gates[:, 0] >= route.gates[:, 1]))
+  sorted_index = jnp.sort(route.expert_index, axis=-1)
+  assert bool(jnp.all(sorted_index[:, 1:] != sorted_index[:, :-1]))
+  # The chosen experts are the most probable ones.
+  np.testing.assert_array_equal(np.asarray(route.expert_index[:, 0]), np.asarray(jnp.argmax(logits, axis=-1)))
+
+
+def test_balance_loss_is_one_under_uniform_routing():
+  num_tokens, num_experts = 64, 8
+  probs = jnp.full((num_tokens, num_experts), 1.0 / num_experts)
+  # Round-robin assignment: every expert gets exactly the same number of token choices.
+  expert_index = jnp.stack([jnp.arange(num_tokens) % num_experts, (jnp.arange(num_tokens) + 1) % num_experts], -1)
+  chex.assert_trees_all_close(load_balancing_loss(probs, expert_index), 1.0, atol=1e-6)
+
+
+def test_balance_loss_grows_with_collapse():
+  num_tokens, num_experts = 64, 8
+  probs = jax.nn.one_hot(jnp.zeros(num_tokens, jnp.int32), num_experts)
+  expert_index = jnp.zeros((num_tokens, 1), jnp.int32)
+  chex.assert_trees_all_close(load_balancing_loss(probs, expert_index), float(num_experts), atol=1e-5)
+
+
+def test_z_loss_golden():
+  logits = jnp.array([[0.0, 0.0], [1.0, -1.0]])
+  expected = np.mean(np.log([2.0, np.e + np.exp(-1.0)]) ** 2)
+  chex.assert_trees_all_close(router_z_loss(logits), expected, rtol=1e-6)
+
+
+def test_router_is_float32_for_bf16_inputs_and_jitter_only_in_training():
+  router = Router(num_experts=4, top_k=2, jitter=0.5)
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 16, 8)).astype(jnp.bfloat16)
+  params = nn.meta.unbox(router.init(jax.random.PRNGKey(1), x, train=False))
+  route = router.apply(params, x, train=False)
+  assert route.probs.dtype == jnp.float32 and route.gates.dtype == jnp.float32
+  again = router.apply(params, x, train=False)
+  chex.assert_trees_all_equal(route.expert_index, again.expert_index)
+  jittered = [router.apply(params, x, train=True, rngs={"jitter": jax.random.PRNGKey(seed)}).probs for seed in (0, 1)]
+  assert float(jnp.max(jnp.abs(jittered[0] - jittered[1]))) > 0
