@@ -4,7 +4,7 @@ The train step is a module-level pure function `(state, batch) -> (state, metric
 shardings and donation. Randomness is derived from `(state.rng, state.step)`, and data position is the step number
 (`hmoe.data.train_batch` is stateless), so a checkpointed `TrainState` is everything needed to resume exactly.
 
-NaN guard: if the loss or gradient norm is not finite, the update is skipped and `state.nan_step` records the step;
+NaN guard: if the loss, gradient norm or update norm is not finite, the update is skipped and `state.nan_step` records the step;
 from then on the state is frozen, so whenever the host notices, the state still holds the last good parameters.
 """
 
@@ -104,11 +104,13 @@ def train_step(state: TrainState, batch: Batch, *, model: TransformerLM, optimiz
     return ce + aux, {"ce_loss": ce, **metrics}
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
 
-  healthy = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (state.nan_step < 0)
+  # Updates are checked too: corrupted optimizer moments give finite gradients but non-finite parameters.
+  healthy = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
+             & (state.nan_step < 0))
   keep_new = lambda new, old: jax.tree.map(lambda n, o: jnp.where(healthy, n, o), new, old)
   new_state = state.replace(
       step=jnp.where(healthy, state.step + 1, state.step),

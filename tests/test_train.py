@@ -1,0 +1,155 @@
+"""End to end: the training loop on a small WikiText-like corpus, resume, NaN stop, checkpoint corruption."""
+
+import functools
+import pathlib
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments.configs import tiny
+from hmoe import checkpoint, data, metrics, step as step_lib
+from hmoe.config import from_config_dict
+from hmoe.model import TransformerLM
+from hmoe.testing import dummy_batch, tiny_config
+from hmoe.train import train_and_evaluate
+
+_WORDS = ("the cat dog sat on a mat and ran to <unk> house river stone @-@ , . of in was is it").split()
+
+
+@pytest.fixture(scope="module")
+def wikitext_dir(tmp_path_factory) -> pathlib.Path:
+  root = tmp_path_factory.mktemp("data")
+  (root / "wikitext-2").mkdir()
+  rng = np.random.default_rng(0)
+  for split, num_lines in (("train", 300), ("valid", 40), ("test", 40)):
+    lines = [" = Heading = \n", " \n"]
+    lines += [" " + " ".join(rng.choice(_WORDS, size=rng.integers(4, 20))) + " \n" for _ in range(num_lines)]
+    (root / "wikitext-2" / f"wiki.{split}.tokens").write_text("".join(lines))
+  return root
+
+
+def _config(data_dir, **train_overrides):
+  raw = tiny.get_config().to_dict()
+  raw["data"]["data_dir"] = str(data_dir)
+  raw["data"]["eval_splits"] = ("valid", "test")
+  raw["train"].update(train_overrides)
+  return from_config_dict(raw)
+
+
+def _restore_final(workdir: pathlib.Path, config):
+  model, optimizer = TransformerLM(config.model), step_lib.make_optimizer(config.train)
+  abstract = jax.eval_shape(functools.partial(step_lib.init_train_state, model, optimizer, config))
+  return checkpoint.Checkpointer(workdir / "checkpoints").restore(abstract)
+
+
+def test_train_step_compiles_once():
+  config = tiny_config()
+  model, optimizer = TransformerLM(config.model), step_lib.make_optimizer(config.train)
+  state = step_lib.init_train_state(model, optimizer, config)
+  traced = chex.assert_max_traces(step_lib.train_step, n=1)
+  train_fn = jax.jit(functools.partial(traced, model=model, optimizer=optimizer, config=config), donate_argnums=0)
+  losses = []
+  for seed in range(3):
+    state, step_metrics = train_fn(state, dummy_batch(config, seed))
+    losses.append(float(step_metrics["loss"]))
+  assert int(state.step) == 3 and all(np.isfinite(losses))
+
+
+def test_run_logs_metrics_and_reports_word_perplexity(wikitext_dir, tmp_path):
+  config = _config(wikitext_dir)
+  results = train_and_evaluate(config, tmp_path)
+  assert results["step"] == config.train.num_steps
+  records = metrics.read_metrics(tmp_path / "metrics.jsonl")
+  train_records = [r for r in records if "train/loss" in r]
+  assert [r["step"] for r in train_records] == [2, 4, 6]
+  for key in ("train/ce_loss", "train/perplexity", "train/tokens_per_second", "train/learning_rate",
+              "train/load_cv", "train/load_max_over_mean", "train/dropped_fraction", "train/expert_load"):
+    assert key in train_records[-1], key
+  assert len(train_records[-1]["train/expert_load"]) == 1  # One MoE layer...
+  assert len(train_records[-1]["train/expert_load"][0]) == 4  # ...of 4 experts.
+  valid_words = data.count_words(wikitext_dir / "wikitext-2" / "wiki.valid.tokens")
+  assert results["valid/num_words"] == valid_words
+  # Word perplexity re-derived from the token loss: exp(loss * tokens / words).
+  expected = np.exp(results["valid/loss"] * results["valid/num_tokens"] / valid_words)
+  np.testing.assert_allclose(results["valid/word_perplexity"], expected, rtol=1e-5)
+  assert results["test/num_tokens"] > 0 and np.isfinite(results["test/word_perplexity"])
+
+
+def test_interrupted_run_resumes_exactly(wikitext_dir, tmp_path, monkeypatch):
+  config = _config(wikitext_dir, num_steps=6, checkpoint_every=2, keep_checkpoints=2)
+  train_and_evaluate(config, tmp_path / "straight")
+
+  real_train_batch = data.train_batch
+
+  def crash_at_step_5(tokens, step, *args):
+    if step == 5:
+      raise KeyboardInterrupt("simulated kill")
+    return real_train_batch(tokens, step, *args)
+
+  monkeypatch.setattr(data, "train_batch", crash_at_step_5)
+  with pytest.raises(KeyboardInterrupt):
+    train_and_evaluate(config, tmp_path / "resumed")
+  monkeypatch.setattr(data, "train_batch", real_train_batch)
+  assert checkpoint.Checkpointer(tmp_path / "resumed" / "checkpoints").latest_step() == 4
+  train_and_evaluate(config, tmp_path / "resumed")
+
+  step_a, state_a = _restore_final(tmp_path / "straight", config)
+  step_b, state_b = _restore_final(tmp_path / "resumed", config)
+  assert step_a == step_b == 6
+  chex.assert_trees_all_close(state_a.params, state_b.params, atol=1e-6, rtol=1e-6)
+  chex.assert_trees_all_close(state_a.opt_state, state_b.opt_state, atol=1e-6, rtol=1e-6)
+
+
+def test_nan_loss_stops_with_usable_checkpoint(wikitext_dir, tmp_path):
+  # An absurd learning rate makes the first update overflow, so the second step's loss is not finite.
+  config = _config(wikitext_dir, learning_rate=1e30, warmup_steps=0)
+  with pytest.raises(FloatingPointError, match="non-finite at step 1"):
+    train_and_evaluate(config, tmp_path)
+  step, state = _restore_final(tmp_path, config)
+  assert step == 1 and int(state.step) == 1 and int(state.nan_step) == 1
+  assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(state.params))
+
+
+def test_nan_guard_freezes_state():
+  config = tiny_config()
+  model, optimizer = TransformerLM(config.model), step_lib.make_optimizer(config.train)
+  state = step_lib.init_train_state(model, optimizer, config)
+  train_fn = jax.jit(functools.partial(step_lib.train_step, model=model, optimizer=optimizer, config=config))
+  state, _ = train_fn(state, dummy_batch(config))
+  poisoned = state.replace(opt_state=jax.tree.map(lambda x: x * jnp.nan if x.dtype == jnp.float32 else x,
+                                                  state.opt_state))
+  after, step_metrics = train_fn(poisoned, dummy_batch(config, 1))
+  assert int(after.nan_step) == 1 and int(after.step) == 1
+  chex.assert_trees_all_close(after.params, state.params)
+  # Later healthy-looking steps do not unfreeze it.
+  later, _ = train_fn(after, dummy_batch(config, 2))
+  assert int(later.step) == 1 and int(later.nan_step) == 1
+  del step_metrics
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_older(wikitext_dir, tmp_path):
+  config = _config(wikitext_dir, checkpoint_every=2, keep_checkpoints=3)
+  train_and_evaluate(config, tmp_path)
+  checkpointer = checkpoint.Checkpointer(tmp_path / "checkpoints")
+  assert checkpointer.all_steps() == [2, 4, 6]
+  for path in (tmp_path / "checkpoints" / "6").rglob("*"):
+    if path.is_file():
+      path.write_bytes(b"garbage")
+  step, state = _restore_final(tmp_path, config)
+  assert step == 4 and int(state.step) == 4
+  for step_dir in ("2", "4"):
+    for path in (tmp_path / "checkpoints" / step_dir).rglob("*"):
+      if path.is_file():
+        path.write_bytes(b"garbage")
+  with pytest.raises(checkpoint.CheckpointError, match="no readable checkpoint"):
+    _restore_final(tmp_path, config)
+
+
+def test_missing_data_fails_before_compiling(tmp_path):
+  (tmp_path / "wikitext-2").mkdir()
+  config = _config(tmp_path)
+  with pytest.raises(FileNotFoundError, match="wiki.train.tokens"):
+    train_and_evaluate(config, tmp_path / "run")
