@@ -1,0 +1,25 @@
+"""hmoe: hierarchical Mixture-of-Experts language models in JAX/Flax."""
+
+import setuptools
+
+setuptools.setup(
+    name="hmoe",
+    version="0.1.0",
+    description="Mixture-of-Experts language models that regroup their experts while training (JAX/Flax).",
+    packages=setuptools.find_packages(include=["hmoe", "hmoe.*", "experiments", "experiments.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.6.0",
+        "flax>=0.10.0",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11.0",
+        "absl-py>=2.1.0",
+        "ml_collections>=1.0.0",
+        "tokenizers>=0.20.0",
+        "numpy>=1.26",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": ["pytest>=8.0", "chex>=0.1.88"],
+    },
+)
