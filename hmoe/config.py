@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-FFN_KINDS = ("dense", "moe")
+FFN_KINDS = ("dense", "moe", "hmoe")
 DISPATCH_KINDS = ("sort", "einsum")
 DTYPES = ("float32", "bfloat16")
 
@@ -61,6 +61,46 @@ class MoEConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class HMoEConfig:
+  """Hierarchical MoE: G clusters of M = E / G experts, each expert matrix `W_e = B_c + U_e V_e` (rank R)."""
+
+  num_experts: int = 32
+  num_clusters: int = 8
+  rank: int = 16
+  top_k_clusters: int = 1
+  top_k_experts: int = 2
+  expert_ff: int = 256
+  capacity_factor: float = 1.25  # Per cluster: C = ceil(capacity_factor * T * Kc / G).
+  eval_capacity_factor: float = 2.0  # Used at evaluation only when eval_dropless is False.
+  eval_dropless: bool = True  # Same reason as MoEConfig.eval_dropless.
+  block_size: int = 64  # Row block of the grouped low-rank matmuls inside clusters.
+  num_groups: int = 1
+  balance_loss_weight: float = 0.01  # Switch loss over all experts (joint probabilities).
+  cluster_balance_loss_weight: float = 0.01  # Switch loss over clusters.
+  z_loss_weight: float = 1e-3
+  residual_init_scale: float = 0.5  # Initial |U V| relative to |B|: experts start distinct but close to their base.
+
+  @property
+  def experts_per_cluster(self) -> int:
+    return self.num_experts // self.num_clusters
+
+  def validate(self) -> None:
+    _require(self.num_clusters >= 1 and self.num_experts % self.num_clusters == 0,
+             f"hmoe.num_clusters={self.num_clusters} must divide hmoe.num_experts={self.num_experts}")
+    _require(1 <= self.top_k_clusters <= self.num_clusters,
+             f"hmoe.top_k_clusters={self.top_k_clusters} must be in [1, num_clusters={self.num_clusters}]")
+    _require(1 <= self.top_k_experts <= self.experts_per_cluster,
+             f"hmoe.top_k_experts={self.top_k_experts} must be in [1, experts per cluster={self.experts_per_cluster}]")
+    _require(1 <= self.rank <= self.expert_ff, f"hmoe.rank={self.rank} must be in [1, expert_ff={self.expert_ff}]")
+    for name in ("capacity_factor", "eval_capacity_factor", "residual_init_scale"):
+      _require(getattr(self, name) > 0, f"hmoe.{name} must be > 0, got {getattr(self, name)}")
+    for name in ("balance_loss_weight", "cluster_balance_loss_weight", "z_loss_weight"):
+      _require(getattr(self, name) >= 0, f"hmoe.{name} must be >= 0, got {getattr(self, name)}")
+    _require(self.block_size >= 1 and self.num_groups >= 1,
+             f"hmoe.block_size={self.block_size} and hmoe.num_groups={self.num_groups} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Decoder-only pre-norm Transformer; each layer's FFN kind comes from `ffn_pattern`."""
 
@@ -76,6 +116,7 @@ class ModelConfig:
   dtype: str = "float32"  # Compute dtype; parameters are always float32.
   rope_base: float = 10_000.0
   moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
+  hmoe: HMoEConfig = dataclasses.field(default_factory=HMoEConfig)
 
   @property
   def head_dim(self) -> int:
@@ -88,7 +129,18 @@ class ModelConfig:
 
   @property
   def num_moe_layers(self) -> int:
-    return sum(kind == "moe" for kind in self.ffn_kinds)
+    """Layers with routed experts (standard or hierarchical)."""
+    return sum(kind != "dense" for kind in self.ffn_kinds)
+
+  @property
+  def sparse_kind(self) -> str | None:
+    """The routed FFN kind of this model ("moe" or "hmoe"), None if all layers are dense."""
+    kinds = set(self.ffn_kinds) - {"dense"}
+    return kinds.pop() if kinds else None
+
+  @property
+  def num_groups(self) -> int:
+    return self.hmoe.num_groups if self.sparse_kind == "hmoe" else self.moe.num_groups
 
   def validate(self) -> None:
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_len"):
@@ -102,8 +154,12 @@ class ModelConfig:
     _require(not bad, f"model.ffn_pattern={self.ffn_pattern!r} has unknown kinds {bad}; allowed: {FFN_KINDS}")
     _require(self.dtype in DTYPES, f"model.dtype={self.dtype!r} not in {DTYPES}")
     _require(self.rope_base > 0, f"model.rope_base must be > 0, got {self.rope_base}")
-    if self.num_moe_layers:
+    _require(not {"moe", "hmoe"} <= set(kinds),
+             f"model.ffn_pattern={self.ffn_pattern!r} mixes 'moe' and 'hmoe'; compare them in separate models")
+    if "moe" in kinds:
       self.moe.validate()
+    if "hmoe" in kinds:
+      self.hmoe.validate()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,13 +227,11 @@ class ExperimentConfig:
     self.train.validate()
     _require(self.data.seq_len <= self.model.max_len,
              f"data.seq_len={self.data.seq_len} exceeds model.max_len={self.model.max_len}")
-    if self.model.num_moe_layers:
-      tokens = self.data.batch_size * self.data.seq_len
-      _require(tokens % self.model.moe.num_groups == 0,
-               f"moe.num_groups={self.model.moe.num_groups} must divide batch_size*seq_len={tokens}")
-      eval_tokens = self.data.eval_batch_size * self.data.seq_len
-      _require(eval_tokens % self.model.moe.num_groups == 0,
-               f"moe.num_groups={self.model.moe.num_groups} must divide eval_batch_size*seq_len={eval_tokens}")
+    if self.model.sparse_kind:
+      groups, section = self.model.num_groups, self.model.sparse_kind
+      for name in ("batch_size", "eval_batch_size"):
+        tokens = getattr(self.data, name) * self.data.seq_len
+        _require(tokens % groups == 0, f"{section}.num_groups={groups} must divide {name}*seq_len={tokens}")
 
 
 def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
@@ -189,6 +243,8 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
   for key, value in values.items():
     if key == "moe":
       value = _build(MoEConfig, value, prefix + "moe.")
+    elif key == "hmoe":
+      value = _build(HMoEConfig, value, prefix + "hmoe.")
     elif key in ("eval_splits", "mesh_shape"):
       value = tuple(value)
     kwargs[key] = value

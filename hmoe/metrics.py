@@ -27,17 +27,31 @@ def load_balance(load_LxE: np.ndarray) -> dict[str, float]:
 
 
 def parameter_counts(params: Any, config: ModelConfig) -> dict[str, int]:
-  """Total, expert (MoE expert matrices) and active-per-token parameter counts of a param tree."""
-  total = expert = 0
+  """Total, expert and active-per-token parameter counts of a param tree.
+
+  Expert parameters are the routed matrices: `w_*` of standard MoE layers; bases `base_*` and residual factors
+  `u_*`/`v_*` of hierarchical layers. A token activates top_k / E of the standard experts, and Kc / G of the bases
+  plus Kc * Ke / E of the factors in a hierarchical layer.
+  """
+  total = dense_expert = bases = factors = 0
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
     size = int(np.prod(leaf.shape))
     total += size
     names = [getattr(key, "key", "") for key in path]
     if "moe" in names and names[-1] in ("w_gate", "w_up", "w_down"):
-      expert += size
+      dense_expert += size
+    elif "hmoe" in names and names[-1].startswith("base_"):
+      bases += size
+    elif "hmoe" in names and names[-1][:2] in ("u_", "v_"):
+      factors += size
+  expert = dense_expert + bases + factors
   active = total - expert
-  if expert:
-    active += expert * config.moe.top_k // config.moe.num_experts
+  if dense_expert:
+    active += dense_expert * config.moe.top_k // config.moe.num_experts
+  if bases:
+    cfg = config.hmoe
+    active += bases * cfg.top_k_clusters // cfg.num_clusters
+    active += factors * cfg.top_k_clusters * cfg.top_k_experts // cfg.num_experts
   return {"params_total": total, "params_expert": expert, "params_active": active}
 
 

@@ -1,7 +1,8 @@
 """Decoder-only pre-norm Transformer language model with dense or MoE feed-forward blocks.
 
 `TransformerLM.apply(params, tokens_BxL, train=...)` returns `(logits_BxLxV, moe_stats)`, where `moe_stats` is a
-`MoEStats` whose leaves carry a leading axis over the MoE layers (None for an all-dense model).
+`MoEStats` (standard MoE) or `HMoEStats` (hierarchical) whose leaves carry a leading axis over the routed layers
+(None for an all-dense model).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from hmoe.config import ModelConfig
+from hmoe.hierarchical import HMoEFeedForward, HMoEStats
 from hmoe.layers import CausalSelfAttention, DenseFeedForward, RMSNorm
 from hmoe.moe import MoEFeedForward, MoEStats
 
@@ -20,7 +22,7 @@ class Block(nn.Module):
   ffn_kind: str
 
   @nn.compact
-  def __call__(self, x_BxLxD: jax.Array, *, train: bool) -> tuple[jax.Array, MoEStats | None]:
+  def __call__(self, x_BxLxD: jax.Array, *, train: bool) -> tuple[jax.Array, MoEStats | HMoEStats | None]:
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     attended = CausalSelfAttention(cfg.num_heads, cfg.rope_base, dtype, name="attention")(
@@ -30,6 +32,8 @@ class Block(nn.Module):
     stats = None
     if self.ffn_kind == "moe":
       ffn_out, stats = MoEFeedForward(cfg.moe, dtype, name="moe")(normed, train=train)
+    elif self.ffn_kind == "hmoe":
+      ffn_out, stats = HMoEFeedForward(cfg.hmoe, dtype, name="hmoe")(normed, train=train)
     else:
       ffn_out = DenseFeedForward(cfg.d_ff, dtype, name="ffn")(normed)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD + ffn_out, ("batch", "length", "embed"))
@@ -40,7 +44,7 @@ class TransformerLM(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxL: jax.Array, *, train: bool = False) -> tuple[jax.Array, MoEStats | None]:
+  def __call__(self, tokens_BxL: jax.Array, *, train: bool = False) -> tuple[jax.Array, MoEStats | HMoEStats | None]:
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     embedding_VxD = self.param(

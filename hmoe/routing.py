@@ -90,3 +90,77 @@ class Router(nn.Module):
     )
     logits_GxTxE = jnp.einsum("gtd,de->gte", x_GxTxD, kernel_DxE)
     return jax.vmap(top_k_routing, in_axes=(0, None))(logits_GxTxE, self.top_k)
+
+
+@flax.struct.dataclass
+class HierarchicalRouterOutput:
+  """Two-stage routing of T tokens over G clusters of M experts (experts indexed cluster-major, e = g * M + m).
+
+  Attributes:
+    cluster_index: int32 [T, Kc] chosen clusters, best first.
+    member_index: int32 [T, Kc, Ke] chosen experts inside each chosen cluster (0..M-1).
+    gates: float32 [T, Kc, Ke] `p(cluster) * p(expert | cluster)`, renormalised over all Kc * Ke choices.
+    cluster_probs: float32 [T, G] stage-1 probabilities.
+    expert_probs: float32 [T, G, M] joint probabilities `p(cluster) * p(expert | cluster)` (sum to 1 per token).
+    cluster_balance_loss: float32 [] Switch loss over clusters (1 under uniform routing).
+    balance_loss: float32 [] Switch loss over all E experts, on the joint probabilities.
+    z_loss: float32 [] z-loss of the expert logits.
+  """
+
+  cluster_index: jax.Array
+  member_index: jax.Array
+  gates: jax.Array
+  cluster_probs: jax.Array
+  expert_probs: jax.Array
+  cluster_balance_loss: jax.Array
+  balance_loss: jax.Array
+  z_loss: jax.Array
+
+  @property
+  def expert_index(self) -> jax.Array:
+    """int32 [..., T, Kc * Ke] global (cluster-major) expert ids of all choices."""
+    num_members = self.expert_probs.shape[-1]
+    global_index = self.cluster_index[..., None] * num_members + self.member_index
+    return global_index.reshape(*global_index.shape[:-2], -1)
+
+
+def hierarchical_routing(expert_logits_TxGxM: jax.Array, top_k_clusters: int, top_k_experts: int,
+                         selection_bias_GxM: jax.Array | None = None) -> HierarchicalRouterOutput:
+  """Picks top clusters, then top experts inside each; float32 throughout.
+
+  A cluster's logit is the mean of its members' logits, i.e. the token's score against the centroid of the members'
+  router embeddings. Unlike a separate cluster router, this needs no re-initialisation when experts are regrouped: the
+  centroid follows the permuted router rows, so routing right after a regroup is consistent with routing before it.
+
+  `selection_bias_GxM` (auxiliary-loss-free balancing, DeepSeek-V3 Sec. 2.1.2) shifts which experts and clusters are
+  *selected* but never the gate values.
+  """
+  logits = expert_logits_TxGxM.astype(jnp.float32)
+  num_tokens, num_clusters, num_members = logits.shape
+  bias = jnp.zeros((num_clusters, num_members), jnp.float32) if selection_bias_GxM is None else selection_bias_GxM
+  cluster_logits_TxG = jnp.mean(logits, axis=-1)
+  cluster_probs_TxG = jax.nn.softmax(cluster_logits_TxG, axis=-1)
+  conditional_TxGxM = jax.nn.softmax(logits, axis=-1)
+
+  _, cluster_index_TxKc = jax.lax.top_k(cluster_probs_TxG + jnp.mean(bias, axis=-1)[None, :], top_k_clusters)
+  chosen_conditional_TxKcxM = jnp.take_along_axis(conditional_TxGxM, cluster_index_TxKc[..., None], axis=1)
+  chosen_bias_TxKcxM = bias[cluster_index_TxKc]
+  _, member_index_TxKcxKe = jax.lax.top_k(chosen_conditional_TxKcxM + chosen_bias_TxKcxM, top_k_experts)
+  member_probs = jnp.take_along_axis(chosen_conditional_TxKcxM, member_index_TxKcxKe, axis=-1)
+  cluster_probs_chosen = jnp.take_along_axis(cluster_probs_TxG, cluster_index_TxKc, axis=-1)
+  gates = cluster_probs_chosen[..., None] * member_probs
+  gates = gates / jnp.sum(gates, axis=(1, 2), keepdims=True)
+
+  joint_TxGxM = cluster_probs_TxG[..., None] * conditional_TxGxM
+  output = HierarchicalRouterOutput(
+      cluster_index=cluster_index_TxKc.astype(jnp.int32),
+      member_index=member_index_TxKcxKe.astype(jnp.int32),
+      gates=gates,
+      cluster_probs=cluster_probs_TxG,
+      expert_probs=joint_TxGxM,
+      cluster_balance_loss=load_balancing_loss(cluster_probs_TxG, cluster_index_TxKc),
+      balance_loss=jnp.zeros((), jnp.float32),
+      z_loss=router_z_loss(logits.reshape(num_tokens, -1)),
+  )
+  expert_balance = load_balancing_loss(joint_TxGxM.reshape(num_tokens, -1), output.expert_index)
+  return output.replace(balance_loss=expert_balance)

@@ -77,17 +77,22 @@ def init_train_state(model: TransformerLM, optimizer: optax.GradientTransformati
 def _moe_loss_and_metrics(moe_stats, config: ExperimentConfig) -> tuple[jax.Array, Metrics]:
   if moe_stats is None:
     return jnp.zeros((), jnp.float32), {}
-  moe_cfg = config.model.moe
-  # Auxiliary losses are summed over MoE layers, each layer weighted as in Switch / ST-MoE.
-  aux = (moe_cfg.balance_loss_weight * jnp.sum(moe_stats.balance_loss)
-         + moe_cfg.z_loss_weight * jnp.sum(moe_stats.z_loss))
+  model_cfg = config.model
+  sparse_cfg = model_cfg.hmoe if model_cfg.sparse_kind == "hmoe" else model_cfg.moe
+  # Auxiliary losses are summed over routed layers, each layer weighted as in Switch / ST-MoE.
+  aux = (sparse_cfg.balance_loss_weight * jnp.sum(moe_stats.balance_loss)
+         + sparse_cfg.z_loss_weight * jnp.sum(moe_stats.z_loss))
   metrics = {
       "balance_loss": jnp.mean(moe_stats.balance_loss),
       "z_loss": jnp.mean(moe_stats.z_loss),
-      "expert_load": moe_stats.expert_load,  # [num_moe_layers, E]
+      "expert_load": moe_stats.expert_load,  # [num_routed_layers, E]
       "num_dropped": jnp.sum(moe_stats.num_dropped),
       "num_assignments": jnp.sum(moe_stats.num_assignments),
   }
+  if model_cfg.sparse_kind == "hmoe":
+    aux += sparse_cfg.cluster_balance_loss_weight * jnp.sum(moe_stats.cluster_balance_loss)
+    metrics.update(cluster_balance_loss=jnp.mean(moe_stats.cluster_balance_loss),
+                   cluster_load=moe_stats.cluster_load)  # [num_routed_layers, G]
   return aux, metrics
 
 

@@ -73,7 +73,7 @@ def evaluate(eval_fn, params: Any, split: data.SplitTokens, config: ExperimentCo
 def _summarise_train_metrics(history: list[dict[str, jax.Array]], tokens: int, seconds: float) -> dict[str, Any]:
   stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *history))
   summary = {key: float(np.mean(value)) for key, value in stacked.items()
-             if key not in ("expert_load", "num_dropped", "num_assignments")}
+             if key not in ("expert_load", "cluster_load", "num_dropped", "num_assignments")}
   summary["perplexity"] = metrics.perplexity(summary["ce_loss"], 1.0)
   summary["tokens_per_second"] = tokens / seconds
   if "expert_load" in stacked:
@@ -81,6 +81,10 @@ def _summarise_train_metrics(history: list[dict[str, jax.Array]], tokens: int, s
     summary.update(metrics.load_balance(load_LxE))
     summary["expert_load"] = load_LxE
     summary["dropped_fraction"] = float(stacked["num_dropped"].sum() / stacked["num_assignments"].sum())
+  if "cluster_load" in stacked:
+    cluster_load_LxG = stacked["cluster_load"].mean(axis=0)
+    summary.update({f"cluster_{key}": value for key, value in metrics.load_balance(cluster_load_LxG).items()})
+    summary["cluster_load"] = cluster_load_LxG
   return summary
 
 

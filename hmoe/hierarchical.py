@@ -1,0 +1,196 @@
+"""Hierarchical MoE layer: clustered experts with shared bases and low-rank residuals, routed in two stages.
+
+Axis alphabet as in `hmoe.routing`, plus G clusters, M experts per cluster (E = G * M, cluster-major: e = g * M + m),
+R residual rank, Kc clusters and Ke experts chosen per token, N row blocks, S rows per block.
+
+Every expert matrix is `W_e = B_c + U_e V_e`. The forward pass reuses the base products (SPEC "Base-product reuse"):
+
+1. Stage-1 dispatch: each (token, chosen cluster) pair gets a slot in its cluster's `[C, D]` buffer (sort/gather, as
+   `hmoe.dispatch.plan_capacity`; capacity is per cluster and drops are counted exactly).
+2. `x B_c^gate` and `x B_c^up` are computed once per slot, not once per expert.
+3. Stage-2: the slot's Ke chosen experts become rows of a block-sparse grouped matmul (`plan_dropless` over the E
+   experts), so only the *selected* experts' factors are applied: `(x U_e) V_e` costs R (D + F) per row, and no
+   `[tokens, M, F]` tensor for all members is ever formed.
+4. Down projection by linearity: `sum_e g_e h_e W_e^down = (sum_e g_e h_e) B_c^down + sum_e g_e (h_e U_e^down) V_e^down`,
+   so the base down product is also computed once per slot.
+"""
+
+from __future__ import annotations
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hmoe import dispatch
+from hmoe.config import HMoEConfig
+from hmoe.routing import HierarchicalRouterOutput, hierarchical_routing
+
+_MATRICES = ("gate", "up", "down")
+
+
+@flax.struct.dataclass
+class HMoEStats:
+  """Per-layer statistics of the hierarchical layer (cf. `hmoe.moe.MoEStats`).
+
+  Attributes:
+    balance_loss, cluster_balance_loss, z_loss: float32 [] auxiliary losses.
+    expert_load: float32 [E] fraction of (token, expert) assignments per expert, cluster-major.
+    cluster_load: float32 [G] fraction of (token, cluster) assignments per cluster.
+    num_dropped: int32 [] (token, cluster) assignments dropped for lack of cluster capacity.
+    num_assignments: int32 [] all (token, cluster) assignments.
+    expert_token_count: float32 [E] tokens routed to each expert (kept or not), for clustering statistics.
+    expert_token_sum: float32 [E, D] sum of the router inputs of those tokens (EMA activation centroids).
+  """
+
+  balance_loss: jax.Array
+  cluster_balance_loss: jax.Array
+  z_loss: jax.Array
+  expert_load: jax.Array
+  cluster_load: jax.Array
+  num_dropped: jax.Array
+  num_assignments: jax.Array
+  expert_token_count: jax.Array
+  expert_token_sum: jax.Array
+
+
+def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], stddev: float) -> jax.Array:
+  init = nn.initializers.truncated_normal(stddev=stddev)
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+
+
+def hmoe_group_forward(x_TxD: jax.Array, route: HierarchicalRouterOutput, bases: dict[str, jax.Array],
+                       factors: dict[str, tuple[jax.Array, jax.Array]], capacity: int, block_size: int
+                       ) -> tuple[jax.Array, jax.Array]:
+  """Output [T, D] of one routing group and the kept mask [Kc * T] of its (token, cluster) assignments.
+
+  Args:
+    x_TxD: token inputs.
+    route: two-stage routing decisions for these tokens.
+    bases: {"gate": [G, D, F], "up": [G, D, F], "down": [G, F, D]}.
+    factors: {"gate": (U [E, D, R], V [E, R, F]), "up": (...), "down": (U [E, F, R], V [E, R, D])}, cluster-major.
+    capacity: slots per cluster, C.
+    block_size: rows per block of the stage-2 grouped matmul.
+  """
+  num_tokens, width = x_TxD.shape
+  num_clusters = bases["gate"].shape[0]
+  num_experts = factors["gate"][0].shape[0]
+  num_members = num_experts // num_clusters
+  top_kc, top_ke = route.member_index.shape[1:]
+
+  with jax.named_scope("cluster_dispatch"):
+    plan1 = dispatch.plan_capacity(route.cluster_index, num_clusters, capacity)
+    slots_GxCxD = dispatch.gather_rows(x_TxD, plan1).reshape(num_clusters, capacity, width)
+  with jax.named_scope("base_products"):
+    base_gate_GxCxF = jnp.einsum("gcd,gdf->gcf", slots_GxCxD, bases["gate"])
+    base_up_GxCxF = jnp.einsum("gcd,gdf->gcf", slots_GxCxD, bases["up"])
+
+  with jax.named_scope("expert_dispatch"):
+    # Which (cluster choice, token) assignment fills each slot; empty slots point one past the end.
+    num_assignments = top_kc * num_tokens
+    slot_assignment = jnp.full((plan1.num_rows + 1,), num_assignments, jnp.int32).at[plan1.row].set(
+        jnp.arange(num_assignments, dtype=jnp.int32))[:plan1.num_rows]
+    members_AxKe = jnp.concatenate([jnp.swapaxes(route.member_index, 0, 1).reshape(num_assignments, top_ke),
+                                    jnp.zeros((1, top_ke), jnp.int32)])
+    gates_AxKe = jnp.concatenate([jnp.swapaxes(route.gates, 0, 1).reshape(num_assignments, top_ke),
+                                  jnp.zeros((1, top_ke), route.gates.dtype)])
+    slot_cluster = jnp.arange(plan1.num_rows, dtype=jnp.int32) // capacity
+    # Empty slots still occupy rows (zero gate, member 0): bounded by the capacity slack, and it keeps shapes static.
+    slot_experts_SxKe = slot_cluster[:, None] * num_members + members_AxKe[slot_assignment]
+    slot_gates_SxKe = gates_AxKe[slot_assignment]
+    plan2 = dispatch.plan_dropless(slot_experts_SxKe, num_experts, block_size)
+    rows_x = dispatch.gather_rows(slots_GxCxD.reshape(-1, width), plan2)
+    rows_base_gate = dispatch.gather_rows(base_gate_GxCxF.reshape(plan1.num_rows, -1), plan2)
+    rows_base_up = dispatch.gather_rows(base_up_GxCxF.reshape(plan1.num_rows, -1), plan2)
+
+  blocks = plan2.block_expert
+  num_blocks = blocks.shape[0]
+
+  def low_rank(rows_NxSxI, name):
+    u_ExIxR, v_ExRxO = factors[name]
+    projected_NxSxR = jnp.einsum("nsi,nir->nsr", rows_NxSxI, u_ExIxR[blocks])
+    return jnp.einsum("nsr,nro->nso", projected_NxSxR, v_ExRxO[blocks])
+
+  with jax.named_scope("low_rank_experts"):
+    to_blocks = lambda rows: rows.reshape(num_blocks, block_size, rows.shape[-1])
+    x_NxSxD = to_blocks(rows_x)
+    gate_NxSxF = to_blocks(rows_base_gate) + low_rank(x_NxSxD, "gate")
+    up_NxSxF = to_blocks(rows_base_up) + low_rank(x_NxSxD, "up")
+    hidden_NxSxF = jax.nn.silu(gate_NxSxF) * up_NxSxF
+    down_residual_NxSxD = low_rank(hidden_NxSxF, "down")
+
+  with jax.named_scope("combine"):
+    hidden_RxF = hidden_NxSxF.reshape(-1, hidden_NxSxF.shape[-1])
+    weighted_hidden_SxF = dispatch.combine_rows(hidden_RxF, plan2, slot_gates_SxKe)
+    residual_SxD = dispatch.combine_rows(down_residual_NxSxD.reshape(-1, width), plan2, slot_gates_SxKe)
+    slots_out_GxCxD = jnp.einsum("gcf,gfd->gcd", weighted_hidden_SxF.reshape(num_clusters, capacity, -1),
+                                 bases["down"]) + residual_SxD.reshape(num_clusters, capacity, width)
+    # Gates were applied per expert above, so stage-1 combine only sums a token's kept cluster slots.
+    ones_TxKc = jnp.ones((num_tokens, top_kc), slots_out_GxCxD.dtype)
+    y_TxD = dispatch.combine_rows(slots_out_GxCxD.reshape(-1, width), plan1, ones_TxKc)
+  return y_TxD, plan1.kept
+
+
+class HMoEFeedForward(nn.Module):
+  """Hierarchical MoE of SwiGLU experts in cluster-major layout. Returns (output [B, L, D], HMoEStats)."""
+
+  config: HMoEConfig
+  dtype: jnp.dtype = jnp.float32
+
+  def _parameters(self, width: int):
+    cfg = self.config
+    g, m, f, r = cfg.num_clusters, cfg.experts_per_cluster, cfg.expert_ff, cfg.rank
+    shapes = {"gate": (width, f), "up": (width, f), "down": (f, width)}
+    axes = {"gate": ("embed", "mlp"), "up": ("embed", "mlp"), "down": ("mlp", "embed")}
+    bases, factors = {}, {}
+    for name in _MATRICES:
+      fan_in, fan_out = shapes[name]
+      in_axis, out_axis = axes[name]
+      bases[name] = _param(self, f"base_{name}", (g, fan_in, fan_out), ("cluster", in_axis, out_axis),
+                           fan_in**-0.5)
+      # |U V| entries have std sqrt(R) * std_U * std_V = residual_init_scale * std_B.
+      u = _param(self, f"u_{name}", (g, m, fan_in, r), ("cluster", "member", in_axis, "rank"), fan_in**-0.5)
+      v = _param(self, f"v_{name}", (g, m, r, fan_out), ("cluster", "member", "rank", out_axis),
+                 cfg.residual_init_scale * r**-0.5)
+      factors[name] = (u.reshape(g * m, fan_in, r), v.reshape(g * m, r, fan_out))
+    return bases, factors
+
+  @nn.compact
+  def __call__(self, x_BxLxD: jax.Array, *, train: bool) -> tuple[jax.Array, HMoEStats]:
+    cfg = self.config
+    batch, length, width = x_BxLxD.shape
+    num_tokens = batch * length // cfg.num_groups
+    x_GxTxD = nn.with_logical_constraint(x_BxLxD.reshape(cfg.num_groups, num_tokens, width),
+                                         ("batch", None, "embed"))
+    router_DxGxM = self.param(
+        "router", nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), ("embed", "cluster", "member")),
+        (width, cfg.num_clusters, cfg.experts_per_cluster), jnp.float32)
+    logits = jnp.einsum("ntd,dgm->ntgm", x_GxTxD.astype(jnp.float32), router_DxGxM)
+    route = jax.vmap(hierarchical_routing, in_axes=(0, None, None))(logits, cfg.top_k_clusters, cfg.top_k_experts)
+
+    bases, factors = self._parameters(width)
+    cast = lambda tree: jax.tree.map(lambda w: w.astype(self.dtype), tree)
+    dropless = not train and cfg.eval_dropless
+    factor = cfg.capacity_factor if train else cfg.eval_capacity_factor
+    capacity = num_tokens if dropless else dispatch.expert_capacity(
+        num_tokens, cfg.num_clusters, cfg.top_k_clusters, factor)
+    forward = jax.vmap(hmoe_group_forward, in_axes=(0, 0, None, None, None, None))
+    y_GxTxD, kept = forward(x_GxTxD.astype(self.dtype), route, cast(bases), cast(factors), capacity, cfg.block_size)
+    return y_GxTxD.reshape(batch, length, width), self._stats(route, kept, x_GxTxD)
+
+  def _stats(self, route: HierarchicalRouterOutput, kept: jax.Array, x_GxTxD: jax.Array) -> HMoEStats:
+    cfg = self.config
+    assignments_GxTxAxE = jax.nn.one_hot(route.expert_index, cfg.num_experts, dtype=jnp.float32)
+    tokens_per_expert_GxTxE = jnp.sum(assignments_GxTxAxE, axis=2)
+    return HMoEStats(
+        balance_loss=jnp.mean(route.balance_loss),
+        cluster_balance_loss=jnp.mean(route.cluster_balance_loss),
+        z_loss=jnp.mean(route.z_loss),
+        expert_load=jnp.mean(assignments_GxTxAxE, axis=(0, 1, 2)),
+        cluster_load=jnp.mean(jax.nn.one_hot(route.cluster_index, cfg.num_clusters, dtype=jnp.float32),
+                              axis=(0, 1, 2)),
+        num_dropped=jnp.sum(~kept).astype(jnp.int32),
+        num_assignments=jnp.asarray(kept.size, jnp.int32),
+        expert_token_count=jnp.sum(tokens_per_expert_GxTxE, axis=(0, 1)),
+        expert_token_sum=jnp.einsum("nte,ntd->ed", tokens_per_expert_GxTxE, x_GxTxD.astype(jnp.float32)),
+    )
