@@ -1,20 +1,20 @@
-"""MoE layer throughput: dense FFN (same active FLOPs) vs the MoE dispatch paths, in one process.
+"""MoE layer throughput: dense FFN (same active FLOPs) vs the MoE dispatch paths and HMoE, in one process.
 
   python -m experiments.bench_layer                      # forward, the README table
   python -m experiments.bench_layer --backward           # forward + backward
+  python -m experiments.bench_layer --paths=sort,hmoe4,hmoe8 --experts=32   # standard vs hierarchical MoE
 
 Each variant is jitted, warmed up, then timed as the median of --repeats calls with `block_until_ready`. Ratios are
 relative to the dense SwiGLU FFN whose hidden width is top_k * expert_ff (the same active FLOPs per token).
 """
-
-import functools
 
 from absl import app, flags
 import jax
 import jax.numpy as jnp
 
 from hmoe.benchmark import format_table, median_seconds
-from hmoe.config import MoEConfig
+from hmoe.config import HMoEConfig, MoEConfig
+from hmoe.hierarchical import HMoEFeedForward
 from hmoe.layers import DenseFeedForward
 from hmoe.moe import MoEFeedForward
 
@@ -23,7 +23,10 @@ _EXPERTS = flags.DEFINE_list("experts", ["8", "16", "32"], "Expert counts.")
 _D_MODEL = flags.DEFINE_integer("d_model", 256, "Model width D.")
 _EXPERT_FF = flags.DEFINE_integer("expert_ff", 1024, "Expert hidden width F.")
 _TOP_K = flags.DEFINE_integer("top_k", 2, "Experts per token.")
-_PATHS = flags.DEFINE_list("paths", ["sort", "dropless", "einsum"], "MoE dispatch variants to time.")
+_PATHS = flags.DEFINE_list("paths", ["sort", "dropless", "einsum"],
+                           "Variants: sort, dropless, einsum (standard MoE); hmoeM (hierarchical, M experts per "
+                           "cluster, top-1 cluster, top-K experts inside, rank --rank).")
+_RANK = flags.DEFINE_integer("rank", 16, "Residual rank R of the hmoe variants.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per variant (median reported).")
 _BACKWARD = flags.DEFINE_bool("backward", False, "Time forward + backward instead of forward only.")
 
@@ -42,6 +45,16 @@ def _timed(module, x, **kwargs) -> float:
   return median_seconds(fn, params, x, repeats=_REPEATS.value)
 
 
+def _layer(path: str, num_experts: int):
+  if path.startswith("hmoe"):
+    members = int(path[len("hmoe"):])
+    return HMoEFeedForward(HMoEConfig(num_experts=num_experts, num_clusters=num_experts // members,
+                                      rank=_RANK.value, top_k_clusters=1, top_k_experts=_TOP_K.value,
+                                      expert_ff=_EXPERT_FF.value))
+  return MoEFeedForward(MoEConfig(num_experts=num_experts, top_k=_TOP_K.value, expert_ff=_EXPERT_FF.value,
+                                  dispatch="einsum" if path == "einsum" else "sort", dropless=path == "dropless"))
+
+
 def main(argv):
   del argv
   rows = []
@@ -52,9 +65,7 @@ def main(argv):
                  "tokens/s": num_tokens / dense_s, "time vs dense": 1.0})
     for num_experts in map(int, _EXPERTS.value):
       for path in _PATHS.value:
-        moe_cfg = MoEConfig(num_experts=num_experts, top_k=_TOP_K.value, expert_ff=_EXPERT_FF.value,
-                            dispatch="einsum" if path == "einsum" else "sort", dropless=path == "dropless")
-        seconds = _timed(MoEFeedForward(moe_cfg), x, train=True)
+        seconds = _timed(_layer(path, num_experts), x, train=True)
         rows.append({"tokens": num_tokens, "experts": num_experts, "variant": f"MoE {path}", "ms": seconds * 1e3,
                      "tokens/s": num_tokens / seconds, "time vs dense": seconds / dense_s})
       print(format_table(rows[-len(_PATHS.value):], ["tokens", "experts", "variant", "ms", "time vs dense"]),

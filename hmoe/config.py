@@ -79,6 +79,16 @@ class HMoEConfig:
   cluster_balance_loss_weight: float = 0.01  # Switch loss over clusters.
   z_loss_weight: float = 1e-3
   residual_init_scale: float = 0.5  # Initial |U V| relative to |B|: experts start distinct but close to their base.
+  # Regrouping (hmoe.regroup). 0 = never regroup: clusters stay as initialised.
+  recluster_every: int = 0
+  similarity_alpha: float = 0.6  # Weight of parameter similarity against activation similarity.
+  # Adopt a new grouping only if mean intra-cluster similarity rises by more than this (negative: always adopt).
+  min_gain: float = 0.01
+  centroid_ema: float = 0.05  # beta of the activation-centroid EMA.
+  kmeans_iters: int = 10
+  kmeans_seed: int = 0
+  sketch_rows: int = 16  # Parameter sketch of each matrix: P^T W Q with P [I, rows], Q [O, cols].
+  sketch_cols: int = 16
 
   @property
   def experts_per_cluster(self) -> int:
@@ -96,6 +106,12 @@ class HMoEConfig:
       _require(getattr(self, name) > 0, f"hmoe.{name} must be > 0, got {getattr(self, name)}")
     for name in ("balance_loss_weight", "cluster_balance_loss_weight", "z_loss_weight"):
       _require(getattr(self, name) >= 0, f"hmoe.{name} must be >= 0, got {getattr(self, name)}")
+    _require(0 <= self.similarity_alpha <= 1, f"hmoe.similarity_alpha must be in [0, 1], got {self.similarity_alpha}")
+    _require(0 < self.centroid_ema <= 1, f"hmoe.centroid_ema must be in (0, 1], got {self.centroid_ema}")
+    for name in ("recluster_every", "kmeans_iters"):
+      _require(getattr(self, name) >= 0, f"hmoe.{name} must be >= 0, got {getattr(self, name)}")
+    _require(self.sketch_rows >= 1 and self.sketch_cols >= 1,
+             f"hmoe.sketch_rows={self.sketch_rows} and hmoe.sketch_cols={self.sketch_cols} must be >= 1")
     _require(self.block_size >= 1 and self.num_groups >= 1,
              f"hmoe.block_size={self.block_size} and hmoe.num_groups={self.num_groups} must be >= 1")
 
