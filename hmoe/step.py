@@ -18,7 +18,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from hmoe import regroup
 from hmoe.config import ExperimentConfig, TrainConfig
+from hmoe.regroup import ClusterState
 from hmoe.model import TransformerLM, cross_entropy
 
 Batch = dict[str, jax.Array]
@@ -32,6 +34,7 @@ class TrainState:
   opt_state: Any
   rng: jax.Array  # uint32 [2] base key; per-step keys are fold_in(rng, step).
   nan_step: jax.Array  # int32 [] first step whose loss was not finite, -1 if none.
+  cluster_state: ClusterState | None = None  # HMoE clustering statistics; None without HMoE layers.
 
 
 def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
@@ -65,7 +68,7 @@ def init_boxed_train_state(model: TransformerLM, optimizer: optax.GradientTransf
   tokens = jnp.zeros((config.data.batch_size, config.data.seq_len), jnp.int32)
   params = model.init({"params": init_rng, "jitter": init_rng}, tokens, train=False)["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), rng=state_rng,
-                    nan_step=jnp.full((), -1, jnp.int32))
+                    nan_step=jnp.full((), -1, jnp.int32), cluster_state=regroup.init_cluster_state(config.model))
 
 
 def init_train_state(model: TransformerLM, optimizer: optax.GradientTransformation, config: ExperimentConfig
@@ -106,9 +109,9 @@ def train_step(state: TrainState, batch: Batch, *, model: TransformerLM, optimiz
     nll_sum, count = cross_entropy(logits, batch["targets"])
     ce = nll_sum / count
     aux, metrics = _moe_loss_and_metrics(moe_stats, config)
-    return ce + aux, {"ce_loss": ce, **metrics}
+    return ce + aux, ({"ce_loss": ce, **metrics}, moe_stats)
 
-  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, (metrics, moe_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grad_norm = optax.tree.norm(grads)
   updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
@@ -123,8 +126,20 @@ def train_step(state: TrainState, batch: Batch, *, model: TransformerLM, optimiz
       opt_state=keep_new(new_opt_state, state.opt_state),
       nan_step=jnp.where((state.nan_step < 0) & ~healthy, state.step, state.nan_step),
   )
+  if state.cluster_state is not None:
+    updated = regroup.update_statistics(state.cluster_state, moe_stats.expert_token_count, moe_stats.expert_token_sum,
+                                        config.model.hmoe.centroid_ema)
+    new_state = new_state.replace(cluster_state=keep_new(updated, state.cluster_state))
   metrics.update(loss=loss, grad_norm=grad_norm, learning_rate=learning_rate_schedule(config.train)(state.step))
   return new_state, metrics
+
+
+def recluster_step(state: TrainState, *, optimizer: optax.GradientTransformation, config: ExperimentConfig
+                   ) -> TrainState:
+  """Regroups the experts of every HMoE layer (`hmoe.regroup.recluster`); jitted on its own, outside train_step."""
+  params, opt_state, cluster_state = regroup.recluster(state.params, state.opt_state, state.cluster_state, state.step,
+                                                       config=config.model, optimizer=optimizer)
+  return state.replace(params=params, opt_state=opt_state, cluster_state=cluster_state)
 
 
 def eval_step(params: Any, batch: Batch, *, model: TransformerLM) -> Metrics:

@@ -130,6 +130,9 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | pathlib.Path) ->
       in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None), donate_argnums=0)
   eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=model),
                     in_shardings=(state_sharding.params, batch_sharding))
+  recluster_every = config.model.hmoe.recluster_every if config.model.sparse_kind == "hmoe" else 0
+  recluster_fn = jax.jit(functools.partial(step_lib.recluster_step, optimizer=optimizer, config=config),
+                         in_shardings=(state_sharding,), out_shardings=state_sharding, donate_argnums=0)
   writer = metrics.MetricsWriter(workdir / "metrics.jsonl")
 
   def run_evals(params, step: int, splits) -> dict[str, dict[str, float]]:
@@ -140,6 +143,21 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | pathlib.Path) ->
       logging.info("step %d %s: loss %.4f, word perplexity %.2f", step, split, results[split]["loss"],
                    results[split]["word_perplexity"])
     return results
+
+  def regroup_and_log(state, step: int):
+    """Regroups experts and logs the loss on the next training batch just before and just after."""
+    batch = data.train_batch(corpus.train.tokens, step, config.data.batch_size, config.data.seq_len, train_cfg.seed)
+    batch = {**batch, "weights": np.ones(batch["targets"].shape, np.float32)}
+    batch_loss = lambda params: jax.device_get(eval_fn(params, batch))
+    before = batch_loss(state.params)
+    state = recluster_fn(state)
+    after = batch_loss(state.params)
+    cluster = jax.device_get(state.cluster_state)
+    writer.write(step, {"regroup/loss_before": before["nll_sum"] / before["num_tokens"],
+                        "regroup/loss_after": after["nll_sum"] / after["num_tokens"],
+                        "regroup/stability": cluster.stability, "regroup/similarity_gain": cluster.similarity_gain,
+                        "regroup/adopted": cluster.adopted})
+    return state
 
   def stop_if_diverged(state) -> None:
     nan_step = int(state.nan_step)
@@ -168,6 +186,8 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | pathlib.Path) ->
         writer.write(done, {f"train/{key}": value for key, value in summary.items()})
         progress.set_postfix(loss=f"{summary['ce_loss']:.3f}", tok_s=f"{summary['tokens_per_second']:.0f}")
         history, window_tokens = [], 0
+      if recluster_every and done % recluster_every == 0 and done != train_cfg.num_steps:
+        state = regroup_and_log(state, done)
       if done % train_cfg.eval_every == 0 and done != train_cfg.num_steps:
         run_evals(state.params, done, ("valid",) if "valid" in corpus.eval_splits else ())
       if done % train_cfg.checkpoint_every == 0 or done == train_cfg.num_steps:

@@ -153,3 +153,23 @@ def test_missing_data_fails_before_compiling(tmp_path):
   config = _config(tmp_path)
   with pytest.raises(FileNotFoundError, match="wiki.train.tokens"):
     train_and_evaluate(config, tmp_path / "run")
+
+
+def test_hmoe_run_regroups_on_schedule_and_checkpoints_cluster_state(wikitext_dir, tmp_path):
+  raw = tiny.get_config().to_dict()
+  raw["data"]["data_dir"] = str(wikitext_dir)
+  raw["model"]["ffn_pattern"] = "dense,hmoe"
+  raw["model"]["hmoe"] = dict(num_experts=8, num_clusters=2, rank=4, expert_ff=32, block_size=8, recluster_every=2,
+                              min_gain=-1.0)  # Always adopt, so every regroup really moves experts.
+  config = from_config_dict(raw)
+  results = train_and_evaluate(config, tmp_path)
+  records = metrics.read_metrics(tmp_path / "metrics.jsonl")
+  regroups = [r for r in records if "regroup/loss_before" in r]
+  assert [r["step"] for r in regroups] == [2, 4]
+  assert all(r["regroup/adopted"] == [True] for r in regroups)
+  assert all(np.isfinite(r["regroup/loss_after"]) for r in regroups)
+  train_records = [r for r in records if "train/cluster_load_cv" in r]
+  assert train_records and len(train_records[-1]["train/cluster_load"][0]) == 2
+  assert results["params_expert"] > 0 and np.isfinite(results["valid/word_perplexity"])
+  _, state = _restore_final(tmp_path, config)
+  assert int(state.cluster_state.num_regroups) == 2 and int(state.cluster_state.last_regroup_step) == 4
