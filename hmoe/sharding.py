@@ -29,7 +29,7 @@ LOGICAL_AXIS_RULES = (
 
 
 def make_mesh(mesh_shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Mesh over `MESH_AXES`; one entry of `mesh_shape` may be -1 and is filled with the remaining devices."""
+  """Mesh over `MESH_AXES`; one entry of `mesh_shape` may be -1 and is filled with all remaining devices."""
   devices = list(devices if devices is not None else jax.devices())
   shape = list(mesh_shape)
   if len(shape) != len(MESH_AXES):
@@ -41,9 +41,11 @@ def make_mesh(mesh_shape: Sequence[int], devices: Sequence[jax.Device] | None = 
     if len(devices) % known:
       raise ValueError(f"mesh_shape={tuple(mesh_shape)} does not divide {len(devices)} devices")
     shape[shape.index(-1)] = len(devices) // known
-  if int(np.prod(shape)) != len(devices):
-    raise ValueError(f"mesh_shape={tuple(shape)} needs {int(np.prod(shape))} devices, found {len(devices)}")
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+  needed = int(np.prod(shape))
+  if needed > len(devices):
+    raise ValueError(f"mesh_shape={tuple(shape)} needs {needed} devices, found {len(devices)}")
+  # A fully specified shape may use fewer devices than exist (e.g. a one-device run on a multi-device host).
+  return Mesh(np.asarray(devices[:needed]).reshape(shape), MESH_AXES)
 
 
 def logical_shardings(boxed_tree: Any, mesh: Mesh) -> Any:

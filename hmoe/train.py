@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import json
 import pathlib
+import sys
 import time
 from typing import Any
 
@@ -169,8 +170,9 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | pathlib.Path) ->
 
   # ---------------------------------------------------------------- Train.
   history, window_start, window_tokens = [], time.perf_counter(), 0
+  # The bar is for terminals; redirected runs get one log line per logging step instead.
   progress = tqdm.tqdm(total=train_cfg.num_steps, initial=start_step, desc="train", unit="step",
-                       dynamic_ncols=True, mininterval=5.0)
+                       dynamic_ncols=True, mininterval=5.0, disable=not sys.stderr.isatty())
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
     for step in range(start_step, train_cfg.num_steps):
       batch = data.train_batch(corpus.train.tokens, step, config.data.batch_size, config.data.seq_len,
@@ -185,6 +187,8 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | pathlib.Path) ->
         summary = _summarise_train_metrics(history, window_tokens, time.perf_counter() - window_start)
         writer.write(done, {f"train/{key}": value for key, value in summary.items()})
         progress.set_postfix(loss=f"{summary['ce_loss']:.3f}", tok_s=f"{summary['tokens_per_second']:.0f}")
+        if progress.disable:
+          logging.info("step %d: loss %.4f, %.0f tokens/s", done, summary["ce_loss"], summary["tokens_per_second"])
         history, window_tokens = [], 0
       if recluster_every and done % recluster_every == 0 and done != train_cfg.num_steps:
         state = regroup_and_log(state, done)

@@ -59,8 +59,8 @@ def test_shapes_and_initial_loss_near_uniform(tie_embeddings):
   chex.assert_shape(logits, (8, 16, 64))
   chex.assert_shape(stats.expert_load, (1, 4))
   nll, count = cross_entropy(logits, batch["targets"])
-  # A fresh model predicts close to uniform: loss near log(V).
-  assert abs(float(nll / count) - jnp.log(64.0)) < 0.5
+  # A fresh model predicts close to uniform: logits of std ~1 add about half a nat to log(V).
+  assert abs(float(nll / count) - jnp.log(64.0)) < 1.0
 
 
 def test_bfloat16_compute_keeps_float32_params():

@@ -31,8 +31,11 @@ def _state_and_step(config, mesh):
 def test_make_mesh_fills_one_axis_and_names_bad_shapes():
   assert jax.device_count() == 8
   assert dict(sharding.make_mesh((-1, 2, 1)).shape) == {"data": 4, "expert": 2, "model": 1}
-  with pytest.raises(ValueError, match=r"\(3, 1, 1\)"):
-    sharding.make_mesh((3, 1, 1))
+  assert sharding.make_mesh((1, 1, 1)).devices.size == 1
+  with pytest.raises(ValueError, match=r"\(3, 1, -1\)"):
+    sharding.make_mesh((3, 1, -1))
+  with pytest.raises(ValueError, match="needs 16 devices"):
+    sharding.make_mesh((4, 4, 1))
 
 
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2)])

@@ -104,8 +104,8 @@ def test_interrupted_run_resumes_exactly(wikitext_dir, tmp_path, monkeypatch):
 
 
 def test_nan_loss_stops_with_usable_checkpoint(wikitext_dir, tmp_path):
-  # An absurd learning rate makes the first update overflow, so the second step's loss is not finite.
-  config = _config(wikitext_dir, learning_rate=1e30, warmup_steps=0)
+  # Warmup starts at learning rate 0, so step 0 is a healthy no-op; step 1's absurd update overflows.
+  config = _config(wikitext_dir, learning_rate=1e30, warmup_steps=2)
   with pytest.raises(FloatingPointError, match="non-finite at step 1"):
     train_and_evaluate(config, tmp_path)
   step, state = _restore_final(tmp_path, config)

@@ -14,6 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
       moe=dict(num_experts=4, top_k=2, expert_ff=32, capacity_factor=1.25, eval_capacity_factor=2.0),
   )
   config.data = dict(dataset="wikitext-2", seq_len=32, batch_size=8, eval_batch_size=8, eval_splits=("valid",))
-  config.train = dict(num_steps=6, learning_rate=3e-3, warmup_steps=2, log_every=2, eval_every=4,
+  # One device: the loop tests stay fast and deterministic; tests/test_sharding.py covers multi-device steps.
+  config.train = dict(num_steps=6, learning_rate=3e-3, warmup_steps=2, log_every=2, eval_every=4, mesh_shape=(1, 1, 1),
                       checkpoint_every=3, keep_checkpoints=2)
   return ml_collections.ConfigDict(config)
