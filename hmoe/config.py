@@ -279,3 +279,16 @@ def from_config_dict(config: Mapping[str, Any]) -> ExperimentConfig:
   )
   experiment.validate()
   return experiment
+
+
+def base_config() -> "ml_collections.ConfigDict":
+  """A ConfigDict holding every field at its default, so any field can be overridden from the command line.
+
+  Experiment configs start from this and change what they need; `--config.model.moe.dropless=True` then works even
+  for fields the experiment file does not mention.
+  """
+  import ml_collections  # Local: the library itself does not need ml_collections, only config files do.
+
+  defaults = dataclasses.asdict(ExperimentConfig(model=ModelConfig(), data=DataConfig(), train=TrainConfig()))
+  defaults["data"]["data_dir"] = ml_collections.config_dict.placeholder(str)
+  return ml_collections.ConfigDict(defaults)

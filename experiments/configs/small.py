@@ -11,20 +11,22 @@ Measured results (time on 2 CPU cores, validation/test word-level perplexity) ar
 
 import ml_collections
 
+from hmoe.config import base_config
+
 
 def get_config(variant: str = "moe") -> ml_collections.ConfigDict:
   if variant not in ("moe", "dense"):
     raise ValueError(f"small config variant must be 'moe' or 'dense', got {variant!r}")
-  config = ml_collections.ConfigDict()
-  config.model = dict(
+  config = base_config()
+  config.model.update(
       vocab_size=8192, d_model=256, num_layers=4, num_heads=4, d_ff=1024, max_len=128,
       ffn_pattern=variant, tie_embeddings=True, dtype="float32",
-      moe=dict(num_experts=8, top_k=2, expert_ff=512, capacity_factor=1.25, eval_capacity_factor=2.0,
+      moe=dict(num_experts=8, top_k=2, expert_ff=512, capacity_factor=1.25, eval_capacity_factor=2.0, dropless=False,
                balance_loss_weight=0.01, z_loss_weight=1e-3, router_jitter=0.0, dispatch="sort"),
   )
-  config.data = dict(dataset="wikitext-2", seq_len=128, batch_size=16, eval_batch_size=32,
+  config.data.update(dataset="wikitext-2", seq_len=128, batch_size=16, eval_batch_size=32,
                      eval_splits=("valid", "test"))
-  config.train = dict(seed=0, num_steps=1000, learning_rate=3e-3, warmup_steps=100, min_lr_ratio=0.1,
+  config.train.update(seed=0, num_steps=1000, learning_rate=3e-3, warmup_steps=100, min_lr_ratio=0.1,
                       weight_decay=0.1, grad_clip_norm=1.0, log_every=50, eval_every=500, checkpoint_every=100,
                       keep_checkpoints=2)
-  return ml_collections.ConfigDict(config)
+  return config

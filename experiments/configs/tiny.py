@@ -5,16 +5,18 @@
 
 import ml_collections
 
+from hmoe.config import base_config
+
 
 def get_config() -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
-  config.model = dict(
+  config = base_config()
+  config.model.update(
       vocab_size=512, d_model=32, num_layers=2, num_heads=2, d_ff=64, max_len=32, ffn_pattern="dense,moe",
       tie_embeddings=True, dtype="float32",
       moe=dict(num_experts=4, top_k=2, expert_ff=32, capacity_factor=1.25, eval_capacity_factor=2.0),
   )
-  config.data = dict(dataset="wikitext-2", seq_len=32, batch_size=8, eval_batch_size=8, eval_splits=("valid",))
+  config.data.update(dataset="wikitext-2", seq_len=32, batch_size=8, eval_batch_size=8, eval_splits=("valid",))
   # One device: the loop tests stay fast and deterministic; tests/test_sharding.py covers multi-device steps.
-  config.train = dict(num_steps=6, learning_rate=3e-3, warmup_steps=2, log_every=2, eval_every=4, mesh_shape=(1, 1, 1),
+  config.train.update(num_steps=6, learning_rate=3e-3, warmup_steps=2, log_every=2, eval_every=4, mesh_shape=(1, 1, 1),
                       checkpoint_every=3, keep_checkpoints=2)
-  return ml_collections.ConfigDict(config)
+  return config
