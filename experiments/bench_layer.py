@@ -66,7 +66,8 @@ def main(argv):
     for num_experts in map(int, _EXPERTS.value):
       for path in _PATHS.value:
         seconds = _timed(_layer(path, num_experts), x, train=True)
-        rows.append({"tokens": num_tokens, "experts": num_experts, "variant": f"MoE {path}", "ms": seconds * 1e3,
+        label = f"HMoE M={path[len('hmoe'):]} R={_RANK.value}" if path.startswith("hmoe") else f"MoE {path}"
+        rows.append({"tokens": num_tokens, "experts": num_experts, "variant": label, "ms": seconds * 1e3,
                      "tokens/s": num_tokens / seconds, "time vs dense": seconds / dense_s})
       print(format_table(rows[-len(_PATHS.value):], ["tokens", "experts", "variant", "ms", "time vs dense"]),
             flush=True)
