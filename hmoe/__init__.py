@@ -1,11 +1,19 @@
 """hmoe: hierarchical Mixture-of-Experts language models in JAX/Flax."""
 
-from hmoe.config import DataConfig, ExperimentConfig, ModelConfig, MoEConfig, TrainConfig, from_config_dict
+from hmoe.config import (DataConfig, ExperimentConfig, HMoEConfig, ModelConfig, MoEConfig, TrainConfig, base_config,
+                         from_config_dict)
+from hmoe.hierarchical import HMoEFeedForward, HMoEStats
 from hmoe.model import TransformerLM, cross_entropy
 from hmoe.moe import MoEFeedForward, MoEStats
-from hmoe.routing import Router, RouterOutput
+from hmoe.regroup import ClusterState, recluster
+from hmoe.routing import HierarchicalRouterOutput, Router, RouterOutput, hierarchical_routing, top_k_routing
+from hmoe.step import TrainState, eval_step, init_train_state, make_optimizer, train_step
+from hmoe.train import train_and_evaluate
 
 __all__ = [
-    "DataConfig", "ExperimentConfig", "ModelConfig", "MoEConfig", "TrainConfig", "from_config_dict",
-    "TransformerLM", "cross_entropy", "MoEFeedForward", "MoEStats", "Router", "RouterOutput",
+    "DataConfig", "ExperimentConfig", "HMoEConfig", "ModelConfig", "MoEConfig", "TrainConfig", "base_config",
+    "from_config_dict", "HMoEFeedForward", "HMoEStats", "TransformerLM", "cross_entropy", "MoEFeedForward",
+    "MoEStats", "ClusterState", "recluster", "HierarchicalRouterOutput", "Router", "RouterOutput",
+    "hierarchical_routing", "top_k_routing", "TrainState", "eval_step", "init_train_state", "make_optimizer",
+    "train_step", "train_and_evaluate",
 ]
