@@ -79,6 +79,9 @@ class HMoEConfig:
   cluster_balance_loss_weight: float = 0.01  # Switch loss over clusters.
   z_loss_weight: float = 1e-3
   residual_init_scale: float = 0.5  # Initial |U V| relative to |B|: experts start distinct but close to their base.
+  # Auxiliary-loss-free balancing (DeepSeek-V3): after each step every expert's selection bias moves by this rate
+  # against the sign of its load error. 0 = off.
+  bias_update_rate: float = 0.0
   # Regrouping (hmoe.regroup). 0 = never regroup: clusters stay as initialised.
   recluster_every: int = 0
   similarity_alpha: float = 0.6  # Weight of parameter similarity against activation similarity.
@@ -108,7 +111,7 @@ class HMoEConfig:
       _require(getattr(self, name) >= 0, f"hmoe.{name} must be >= 0, got {getattr(self, name)}")
     _require(0 <= self.similarity_alpha <= 1, f"hmoe.similarity_alpha must be in [0, 1], got {self.similarity_alpha}")
     _require(0 < self.centroid_ema <= 1, f"hmoe.centroid_ema must be in (0, 1], got {self.centroid_ema}")
-    for name in ("recluster_every", "kmeans_iters"):
+    for name in ("recluster_every", "kmeans_iters", "bias_update_rate"):
       _require(getattr(self, name) >= 0, f"hmoe.{name} must be >= 0, got {getattr(self, name)}")
     _require(self.sketch_rows >= 1 and self.sketch_cols >= 1,
              f"hmoe.sketch_rows={self.sketch_rows} and hmoe.sketch_cols={self.sketch_cols} must be >= 1")

@@ -156,7 +156,8 @@ class HMoEFeedForward(nn.Module):
     return bases, factors
 
   @nn.compact
-  def __call__(self, x_BxLxD: jax.Array, *, train: bool) -> tuple[jax.Array, HMoEStats]:
+  def __call__(self, x_BxLxD: jax.Array, *, train: bool, selection_bias_GxM: jax.Array | None = None
+               ) -> tuple[jax.Array, HMoEStats]:
     cfg = self.config
     batch, length, width = x_BxLxD.shape
     num_tokens = batch * length // cfg.num_groups
@@ -166,7 +167,8 @@ class HMoEFeedForward(nn.Module):
         "router", nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), ("embed", "cluster", "member")),
         (width, cfg.num_clusters, cfg.experts_per_cluster), jnp.float32)
     logits = jnp.einsum("ntd,dgm->ntgm", x_GxTxD.astype(jnp.float32), router_DxGxM)
-    route = jax.vmap(hierarchical_routing, in_axes=(0, None, None))(logits, cfg.top_k_clusters, cfg.top_k_experts)
+    route = jax.vmap(hierarchical_routing, in_axes=(0, None, None, None))(
+        logits, cfg.top_k_clusters, cfg.top_k_experts, selection_bias_GxM)
 
     bases, factors = self._parameters(width)
     cast = lambda tree: jax.tree.map(lambda w: w.astype(self.dtype), tree)

@@ -22,7 +22,8 @@ class Block(nn.Module):
   ffn_kind: str
 
   @nn.compact
-  def __call__(self, x_BxLxD: jax.Array, *, train: bool) -> tuple[jax.Array, MoEStats | HMoEStats | None]:
+  def __call__(self, x_BxLxD: jax.Array, *, train: bool, selection_bias_GxM: jax.Array | None = None
+               ) -> tuple[jax.Array, MoEStats | HMoEStats | None]:
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     attended = CausalSelfAttention(cfg.num_heads, cfg.rope_base, dtype, name="attention")(
@@ -33,7 +34,8 @@ class Block(nn.Module):
     if self.ffn_kind == "moe":
       ffn_out, stats = MoEFeedForward(cfg.moe, dtype, name="moe")(normed, train=train)
     elif self.ffn_kind == "hmoe":
-      ffn_out, stats = HMoEFeedForward(cfg.hmoe, dtype, name="hmoe")(normed, train=train)
+      ffn_out, stats = HMoEFeedForward(cfg.hmoe, dtype, name="hmoe")(normed, train=train,
+                                                                      selection_bias_GxM=selection_bias_GxM)
     else:
       ffn_out = DenseFeedForward(cfg.d_ff, dtype, name="ffn")(normed)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD + ffn_out, ("batch", "length", "embed"))
@@ -44,7 +46,9 @@ class TransformerLM(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxL: jax.Array, *, train: bool = False) -> tuple[jax.Array, MoEStats | HMoEStats | None]:
+  def __call__(self, tokens_BxL: jax.Array, *, train: bool = False, selection_bias: jax.Array | None = None
+               ) -> tuple[jax.Array, MoEStats | HMoEStats | None]:
+    """`selection_bias` float32 [num_hmoe_layers, G, M]: auxiliary-loss-free balancing biases (selection only)."""
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     embedding_VxD = self.param(
@@ -56,7 +60,10 @@ class TransformerLM(nn.Module):
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
     layer_stats = []
     for layer, kind in enumerate(cfg.ffn_kinds):
-      x_BxLxD, stats = Block(cfg, kind, name=f"block_{layer}")(x_BxLxD, train=train)
+      bias = None
+      if kind == "hmoe" and selection_bias is not None:
+        bias = selection_bias[len(layer_stats)]
+      x_BxLxD, stats = Block(cfg, kind, name=f"block_{layer}")(x_BxLxD, train=train, selection_bias_GxM=bias)
       if stats is not None:
         layer_stats.append(stats)
     x_BxLxD = RMSNorm(dtype=dtype, name="final_norm")(x_BxLxD)

@@ -44,6 +44,7 @@ class ClusterState:
     stability: float32 [Lh] fraction of experts whose cluster-mates changed at the last regroup.
     similarity_gain: float32 [Lh] intra-cluster similarity gain of the last regroup's candidate grouping.
     adopted: bool [Lh] whether the last regroup adopted its candidate.
+    selection_bias: float32 [Lh, E] auxiliary-loss-free balancing biases (used for selection only).
   """
 
   centroid: jax.Array
@@ -54,6 +55,11 @@ class ClusterState:
   stability: jax.Array
   similarity_gain: jax.Array
   adopted: jax.Array
+  selection_bias: jax.Array
+
+  def selection_bias_LxGxM(self, num_clusters: int) -> jax.Array:
+    num_layers, num_experts = self.selection_bias.shape
+    return self.selection_bias.reshape(num_layers, num_clusters, num_experts // num_clusters)
 
 
 def hmoe_layer_names(config: ModelConfig) -> list[str]:
@@ -75,6 +81,7 @@ def init_cluster_state(config: ModelConfig) -> ClusterState | None:
       stability=jnp.zeros((num_layers,), jnp.float32),
       similarity_gain=jnp.zeros((num_layers,), jnp.float32),
       adopted=jnp.zeros((num_layers,), bool),
+      selection_bias=jnp.zeros((num_layers, num_experts), jnp.float32),
   )
 
 
@@ -90,6 +97,12 @@ def update_statistics(state: ClusterState, token_count_LxE: jax.Array, token_sum
   updated = jnp.where(seen_before, (1.0 - beta) * state.centroid + beta * batch_mean, batch_mean)
   return state.replace(centroid=jnp.where(has_tokens, updated, state.centroid),
                        token_count=state.token_count + token_count_LxE)
+
+
+def update_selection_bias(state: ClusterState, token_count_LxE: jax.Array, rate: float) -> ClusterState:
+  """`b_e += rate * sign(mean load - load_e)` per layer (DeepSeek-V3 Sec. 2.1.2): overloaded experts get picked less."""
+  error_LxE = jnp.mean(token_count_LxE, axis=-1, keepdims=True) - token_count_LxE
+  return state.replace(selection_bias=state.selection_bias + rate * jnp.sign(error_LxE))
 
 
 def reconstruct_experts(layer_params: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -147,7 +160,7 @@ def recluster(params: Any, opt_state: Any, cluster_state: ClusterState, step: ja
   new_params = dict(params)
   moment_fns = jax.tree.map(lambda _: (lambda moment: moment), params)
   stability, gains, adopted = [], [], []
-  centroid, expert_id = cluster_state.centroid, cluster_state.expert_id
+  centroid, expert_id, selection_bias = cluster_state.centroid, cluster_state.expert_id, cluster_state.selection_bias
   keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(cfg.kmeans_seed), step), len(hmoe_layer_names(config)))
   for layer, block in enumerate(hmoe_layer_names(config)):
     layer_params = params[block]["hmoe"]
@@ -175,6 +188,7 @@ def recluster(params: Any, opt_state: Any, cluster_state: ClusterState, step: ja
         adopt, moment.reshape(router_shape[0], -1)[:, perm].reshape(router_shape), moment)
     moment_fns[block] = {**moment_fns[block], "hmoe": {**moment_fns[block]["hmoe"], **layer_fns}}
     centroid = centroid.at[layer].set(centroid[layer][perm])
+    selection_bias = selection_bias.at[layer].set(selection_bias[layer][perm])
     expert_id = expert_id.at[layer].set(expert_id[layer][perm])
     stability.append(_changed_fraction(perm, num_clusters))
     gains.append(gain)
@@ -182,7 +196,7 @@ def recluster(params: Any, opt_state: Any, cluster_state: ClusterState, step: ja
 
   new_opt_state = optax.tree_utils.tree_map_params(optimizer, lambda moment, fn: fn(moment), opt_state, moment_fns)
   new_cluster_state = cluster_state.replace(
-      centroid=centroid, expert_id=expert_id, token_count=jnp.zeros_like(cluster_state.token_count),
+      centroid=centroid, expert_id=expert_id, selection_bias=selection_bias, token_count=jnp.zeros_like(cluster_state.token_count),
       last_regroup_step=jnp.asarray(step, jnp.int32), num_regroups=cluster_state.num_regroups + 1,
       stability=jnp.stack(stability), similarity_gain=jnp.stack(gains), adopted=jnp.stack(adopted))
   return new_params, new_opt_state, new_cluster_state

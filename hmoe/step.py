@@ -103,9 +103,11 @@ def train_step(state: TrainState, batch: Batch, *, model: TransformerLM, optimiz
                config: ExperimentConfig) -> tuple[TrainState, Metrics]:
   """One AdamW update on `batch` ({"inputs", "targets"} int32 [B, L]); returns the new state and step metrics."""
   jitter_rng = jax.random.fold_in(state.rng, state.step)
+  bias = selection_bias(state, config)
 
   def loss_fn(params):
-    logits, moe_stats = model.apply({"params": params}, batch["inputs"], train=True, rngs={"jitter": jitter_rng})
+    logits, moe_stats = model.apply({"params": params}, batch["inputs"], train=True, selection_bias=bias,
+                                    rngs={"jitter": jitter_rng})
     nll_sum, count = cross_entropy(logits, batch["targets"])
     ce = nll_sum / count
     aux, metrics = _moe_loss_and_metrics(moe_stats, config)
@@ -129,6 +131,9 @@ def train_step(state: TrainState, batch: Batch, *, model: TransformerLM, optimiz
   if state.cluster_state is not None:
     updated = regroup.update_statistics(state.cluster_state, moe_stats.expert_token_count, moe_stats.expert_token_sum,
                                         config.model.hmoe.centroid_ema)
+    if config.model.hmoe.bias_update_rate > 0:
+      updated = regroup.update_selection_bias(updated, moe_stats.expert_token_count,
+                                              config.model.hmoe.bias_update_rate)
     new_state = new_state.replace(cluster_state=keep_new(updated, state.cluster_state))
   metrics.update(loss=loss, grad_norm=grad_norm, learning_rate=learning_rate_schedule(config.train)(state.step))
   return new_state, metrics
@@ -142,9 +147,16 @@ def recluster_step(state: TrainState, *, optimizer: optax.GradientTransformation
   return state.replace(params=params, opt_state=opt_state, cluster_state=cluster_state)
 
 
-def eval_step(params: Any, batch: Batch, *, model: TransformerLM) -> Metrics:
+def selection_bias(state: TrainState, config: ExperimentConfig) -> jax.Array | None:
+  """Auxiliary-loss-free selection biases [num_hmoe_layers, G, M], or None when they are off."""
+  if state.cluster_state is None or config.model.hmoe.bias_update_rate <= 0:
+    return None
+  return state.cluster_state.selection_bias_LxGxM(config.model.hmoe.num_clusters)
+
+
+def eval_step(params: Any, batch: Batch, bias: jax.Array | None = None, *, model: TransformerLM) -> Metrics:
   """Summed NLL and token count of one padded eval batch ({"inputs", "targets", "weights"})."""
-  logits, moe_stats = model.apply({"params": params}, batch["inputs"], train=False)
+  logits, moe_stats = model.apply({"params": params}, batch["inputs"], train=False, selection_bias=bias)
   nll_sum, count = cross_entropy(logits, batch["targets"], batch["weights"])
   metrics = {"nll_sum": nll_sum, "num_tokens": count}
   if moe_stats is not None:

@@ -52,12 +52,12 @@ def load_corpus(config: ExperimentConfig, workdir: pathlib.Path) -> _Corpus:
   )
 
 
-def evaluate(eval_fn, params: Any, split: data.SplitTokens, config: ExperimentConfig, eos_id: int
+def evaluate(eval_fn, state: step_lib.TrainState, split: data.SplitTokens, config: ExperimentConfig, eos_id: int
              ) -> dict[str, float]:
   """Scores every token of a split once. Word-level perplexity = exp(total NLL / WikiText word count)."""
   totals = None
   for batch in data.eval_batches(split.tokens, config.data.eval_batch_size, config.data.seq_len, eos_id):
-    batch_metrics = eval_fn(params, batch)
+    batch_metrics = eval_fn(state.params, batch, step_lib.selection_bias(state, config))
     # Summing device arrays keeps the loop asynchronous: one host sync per split, not per batch.
     totals = batch_metrics if totals is None else jax.tree.map(jnp.add, totals, batch_metrics)
   totals = jax.device_get(totals)
@@ -130,16 +130,16 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | pathlib.Path) ->
       functools.partial(step_lib.train_step, model=model, optimizer=optimizer, config=config),
       in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None), donate_argnums=0)
   eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=model),
-                    in_shardings=(state_sharding.params, batch_sharding))
+                    in_shardings=(state_sharding.params, batch_sharding, None))
   recluster_every = config.model.hmoe.recluster_every if config.model.sparse_kind == "hmoe" else 0
   recluster_fn = jax.jit(functools.partial(step_lib.recluster_step, optimizer=optimizer, config=config),
                          in_shardings=(state_sharding,), out_shardings=state_sharding, donate_argnums=0)
   writer = metrics.MetricsWriter(workdir / "metrics.jsonl")
 
-  def run_evals(params, step: int, splits) -> dict[str, dict[str, float]]:
+  def run_evals(state, step: int, splits) -> dict[str, dict[str, float]]:
     results = {}
     for split in splits:
-      results[split] = evaluate(eval_fn, params, corpus.eval_splits[split], config, corpus.tokenizer.eos_id)
+      results[split] = evaluate(eval_fn, state, corpus.eval_splits[split], config, corpus.tokenizer.eos_id)
       writer.write(step, {f"{split}/{key}": value for key, value in results[split].items()})
       logging.info("step %d %s: loss %.4f, word perplexity %.2f", step, split, results[split]["loss"],
                    results[split]["word_perplexity"])
@@ -149,10 +149,10 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | pathlib.Path) ->
     """Regroups experts and logs the loss on the next training batch just before and just after."""
     batch = data.train_batch(corpus.train.tokens, step, config.data.batch_size, config.data.seq_len, train_cfg.seed)
     batch = {**batch, "weights": np.ones(batch["targets"].shape, np.float32)}
-    batch_loss = lambda params: jax.device_get(eval_fn(params, batch))
-    before = batch_loss(state.params)
+    batch_loss = lambda state: jax.device_get(eval_fn(state.params, batch, step_lib.selection_bias(state, config)))
+    before = batch_loss(state)
     state = recluster_fn(state)
-    after = batch_loss(state.params)
+    after = batch_loss(state)
     cluster = jax.device_get(state.cluster_state)
     writer.write(step, {"regroup/loss_before": before["nll_sum"] / before["num_tokens"],
                         "regroup/loss_after": after["nll_sum"] / after["num_tokens"],
@@ -193,7 +193,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | pathlib.Path) ->
       if recluster_every and done % recluster_every == 0 and done != train_cfg.num_steps:
         state = regroup_and_log(state, done)
       if done % train_cfg.eval_every == 0 and done != train_cfg.num_steps:
-        run_evals(state.params, done, ("valid",) if "valid" in corpus.eval_splits else ())
+        run_evals(state, done, ("valid",) if "valid" in corpus.eval_splits else ())
       if done % train_cfg.checkpoint_every == 0 or done == train_cfg.num_steps:
         stop_if_diverged(state)
         checkpointer.save(done, state)
@@ -201,7 +201,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | pathlib.Path) ->
         window_start = time.perf_counter()
     progress.close()
     stop_if_diverged(state)
-    results = run_evals(state.params, int(state.step), config.data.eval_splits)
+    results = run_evals(state, int(state.step), config.data.eval_splits)
   checkpointer.close()
   return {"step": int(state.step), **counts, **{f"{split}/{key}": value for split, values in results.items()
                                                 for key, value in values.items()}}

@@ -31,7 +31,9 @@ def _setup(rank=3, min_gain=0.01):
   parity = jnp.where(jnp.arange(8) % 2 == 0, 1.0, -1.0)
   noise = 0.1 * jax.random.normal(jax.random.PRNGKey(1), cluster_state.centroid.shape)
   centroids = parity[None, :, None] * direction[None, None, :] + noise
-  cluster_state = cluster_state.replace(centroid=centroids, token_count=jnp.ones_like(cluster_state.token_count))
+  bias = jax.random.normal(jax.random.PRNGKey(2), cluster_state.selection_bias.shape)
+  cluster_state = cluster_state.replace(centroid=centroids, token_count=jnp.ones_like(cluster_state.token_count),
+                                        selection_bias=bias)
   fn = jax.jit(functools.partial(regroup.recluster, config=config.model, optimizer=optimizer))
   return config, state, cluster_state, fn
 
@@ -68,6 +70,7 @@ def test_adopted_regroup_permutes_consistently_and_preserves_experts(rank):
   # Router columns, centroids and router moments follow their experts.
   np.testing.assert_allclose(np.asarray(new["router"]).reshape(8, 8), np.asarray(old["router"]).reshape(8, 8)[:, perm])
   np.testing.assert_allclose(new_cluster.centroid[0], cluster_state.centroid[0][perm])
+  np.testing.assert_allclose(new_cluster.selection_bias[0], cluster_state.selection_bias[0][perm])
   for new_moments, old_moments in zip(_adam_moments(opt_state), _adam_moments(state.opt_state)):
     new_m, old_m = new_moments["block_1"]["hmoe"], old_moments["block_1"]["hmoe"]
     np.testing.assert_allclose(np.asarray(new_m["router"]).reshape(8, 8),
@@ -111,3 +114,12 @@ def test_statistics_update_is_an_ema_that_ignores_idle_experts():
   np.testing.assert_allclose(state.centroid[:, 0], 1.5)  # Then (1 - beta) * 3 + beta * 0.
   np.testing.assert_allclose(state.token_count[0], [4.0, 0.0, 2.0, 2.0])
   assert dataclasses.is_dataclass(state)
+
+
+def test_selection_bias_moves_against_load_error():
+  config = tiny_config(ffn_pattern="hmoe", hmoe=HMoEConfig(num_experts=4, num_clusters=2, expert_ff=16, rank=2))
+  state = regroup.init_cluster_state(config.model)
+  counts = jnp.array([[10.0, 2.0, 2.0, 2.0]] * 2)  # Two HMoE layers; expert 0 is overloaded (mean load 4).
+  state = regroup.update_selection_bias(state, counts, rate=0.1)
+  np.testing.assert_allclose(state.selection_bias[0], [-0.1, 0.1, 0.1, 0.1], atol=1e-7)
+  chex.assert_shape(state.selection_bias_LxGxM(2), (2, 2, 2))

@@ -160,7 +160,8 @@ def test_hmoe_run_regroups_on_schedule_and_checkpoints_cluster_state(wikitext_di
   raw["data"]["data_dir"] = str(wikitext_dir)
   raw["model"]["ffn_pattern"] = "dense,hmoe"
   raw["model"]["hmoe"] = dict(num_experts=8, num_clusters=2, rank=4, expert_ff=32, block_size=8, recluster_every=2,
-                              min_gain=-1.0)  # Always adopt, so every regroup really moves experts.
+                              min_gain=-1.0,  # Always adopt, so every regroup really moves experts.
+                              bias_update_rate=0.01)
   config = from_config_dict(raw)
   results = train_and_evaluate(config, tmp_path)
   records = metrics.read_metrics(tmp_path / "metrics.jsonl")
@@ -173,3 +174,4 @@ def test_hmoe_run_regroups_on_schedule_and_checkpoints_cluster_state(wikitext_di
   assert results["params_expert"] > 0 and np.isfinite(results["valid/word_perplexity"])
   _, state = _restore_final(tmp_path, config)
   assert int(state.cluster_state.num_regroups) == 2 and int(state.cluster_state.last_regroup_step) == 4
+  assert float(jnp.max(jnp.abs(state.cluster_state.selection_bias))) > 0  # Balancing biases were updated.
