@@ -11,7 +11,8 @@ Every expert matrix is `W_e = B_c + U_e V_e`. The forward pass reuses the base p
 3. Stage-2: the slot's Ke chosen experts become rows of a block-sparse grouped matmul (`plan_dropless` over the E
    experts), so only the *selected* experts' factors are applied: `(x U_e) V_e` costs R (D + F) per row, and no
    `[tokens, M, F]` tensor for all members is ever formed.
-4. Down projection by linearity: `sum_e g_e h_e W_e^down = (sum_e g_e h_e) B_c^down + sum_e g_e (h_e U_e^down) V_e^down`,
+4. Down projection by linearity:
+   `sum_e g_e h_e W_e^down = (sum_e g_e h_e) B_c^down + sum_e g_e (h_e U_e^down) V_e^down`,
    so the base down product is also computed once per slot.
 """
 

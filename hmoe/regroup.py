@@ -161,8 +161,9 @@ def recluster(params: Any, opt_state: Any, cluster_state: ClusterState, step: ja
   moment_fns = jax.tree.map(lambda _: (lambda moment: moment), params)
   stability, gains, adopted = [], [], []
   centroid, expert_id, selection_bias = cluster_state.centroid, cluster_state.expert_id, cluster_state.selection_bias
-  keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(cfg.kmeans_seed), step), len(hmoe_layer_names(config)))
-  for layer, block in enumerate(hmoe_layer_names(config)):
+  layer_names = hmoe_layer_names(config)
+  keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(cfg.kmeans_seed), step), len(layer_names))
+  for layer, block in enumerate(layer_names):
     layer_params = params[block]["hmoe"]
     weights = reconstruct_experts(layer_params)
     sketch = clustering.sketch_expert([weights[name] for name in _MATRICES],
@@ -171,9 +172,9 @@ def recluster(params: Any, opt_state: Any, cluster_state: ClusterState, step: ja
     similarity = features @ features.T
     current = jnp.arange(cfg.num_experts, dtype=jnp.int32) // cfg.experts_per_cluster
     candidate = clustering.balanced_kmeans(features, num_clusters, keys[layer], cfg.kmeans_iters)
-    gain = (clustering.intra_cluster_similarity(similarity, candidate, num_clusters)
-            - clustering.intra_cluster_similarity(similarity, current, num_clusters))
-    adopt = clustering.should_adopt(0.0, gain, cfg.min_gain)
+    old_score = clustering.intra_cluster_similarity(similarity, current, num_clusters)
+    new_score = clustering.intra_cluster_similarity(similarity, candidate, num_clusters)
+    adopt = clustering.should_adopt(old_score, new_score, cfg.min_gain)
     perm = jnp.where(adopt, clustering.cluster_major_permutation(candidate, num_clusters),
                      jnp.arange(cfg.num_experts, dtype=jnp.int32))
     regrouped = _regrouped_layer(weights, layer_params["router"], perm, num_clusters, cfg.rank)
@@ -184,19 +185,20 @@ def recluster(params: Any, opt_state: Any, cluster_state: ClusterState, step: ja
     # Default arguments bind this layer's values: the lambdas run after the loop.
     layer_fns = {name: (lambda moment, adopt=adopt: jnp.where(adopt, jnp.zeros_like(moment), moment))
                  for name in regrouped}
-    layer_fns["router"] = lambda moment, perm=perm, adopt=adopt: jnp.where(
-        adopt, moment.reshape(router_shape[0], -1)[:, perm].reshape(router_shape), moment)
+    layer_fns["router"] = lambda moment, perm=perm, adopt=adopt, shape=router_shape: jnp.where(
+        adopt, moment.reshape(shape[0], -1)[:, perm].reshape(shape), moment)
     moment_fns[block] = {**moment_fns[block], "hmoe": {**moment_fns[block]["hmoe"], **layer_fns}}
-    centroid = centroid.at[layer].set(centroid[layer][perm])
-    selection_bias = selection_bias.at[layer].set(selection_bias[layer][perm])
-    expert_id = expert_id.at[layer].set(expert_id[layer][perm])
+    # Per-expert statistics follow their experts too.
+    centroid, selection_bias, expert_id = (stat.at[layer].set(stat[layer][perm])
+                                           for stat in (centroid, selection_bias, expert_id))
     stability.append(_changed_fraction(perm, num_clusters))
-    gains.append(gain)
+    gains.append(new_score - old_score)
     adopted.append(adopt)
 
   new_opt_state = optax.tree_utils.tree_map_params(optimizer, lambda moment, fn: fn(moment), opt_state, moment_fns)
   new_cluster_state = cluster_state.replace(
-      centroid=centroid, expert_id=expert_id, selection_bias=selection_bias, token_count=jnp.zeros_like(cluster_state.token_count),
+      centroid=centroid, expert_id=expert_id, selection_bias=selection_bias,
+      token_count=jnp.zeros_like(cluster_state.token_count),
       last_regroup_step=jnp.asarray(step, jnp.int32), num_regroups=cluster_state.num_regroups + 1,
       stability=jnp.stack(stability), similarity_gain=jnp.stack(gains), adopted=jnp.stack(adopted))
   return new_params, new_opt_state, new_cluster_state

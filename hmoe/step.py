@@ -4,8 +4,9 @@ The train step is a module-level pure function `(state, batch) -> (state, metric
 shardings and donation. Randomness is derived from `(state.rng, state.step)`, and data position is the step number
 (`hmoe.data.train_batch` is stateless), so a checkpointed `TrainState` is everything needed to resume exactly.
 
-NaN guard: if the loss, gradient norm or update norm is not finite, the update is skipped and `state.nan_step` records the step;
-from then on the state is frozen, so whenever the host notices, the state still holds the last good parameters.
+NaN guard: if the loss, gradient norm or update norm is not finite, the update is skipped and `state.nan_step` records
+the step; from then on the state is frozen, so whenever the host notices, the state still holds the last good
+parameters.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import optax
 
 from hmoe import regroup
 from hmoe.config import ExperimentConfig, TrainConfig
-from hmoe.regroup import ClusterState
 from hmoe.model import TransformerLM, cross_entropy
+from hmoe.regroup import ClusterState
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
