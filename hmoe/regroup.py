@@ -117,13 +117,13 @@ def reconstruct_experts(layer_params: dict[str, jax.Array]) -> dict[str, jax.Arr
   return weights
 
 
-def _sketch_projections(weights: dict[str, jax.Array], rows: int, cols: int):
+def sketch_projections(weights: dict[str, jax.Array], rows: int, cols: int):
   keys = jax.random.split(jax.random.PRNGKey(_SKETCH_SEED), len(_MATRICES))
   return [clustering.make_sketch_projections(key, weights[name].shape[1], weights[name].shape[2], rows, cols)
           for key, name in zip(keys, _MATRICES)]
 
 
-def _regrouped_layer(weights: dict[str, jax.Array], router_DxGxM: jax.Array, perm_E: jax.Array, num_clusters: int,
+def regrouped_layer(weights: dict[str, jax.Array], router_DxGxM: jax.Array, perm_E: jax.Array, num_clusters: int,
                      rank: int) -> dict[str, jax.Array]:
   """New bases, factors and router for experts reordered by `perm_E` into clusters of consecutive positions."""
   num_experts = perm_E.shape[0]
@@ -167,7 +167,7 @@ def recluster(params: Any, opt_state: Any, cluster_state: ClusterState, step: ja
     layer_params = params[block]["hmoe"]
     weights = reconstruct_experts(layer_params)
     sketch = clustering.sketch_expert([weights[name] for name in _MATRICES],
-                                      _sketch_projections(weights, cfg.sketch_rows, cfg.sketch_cols))
+                                      sketch_projections(weights, cfg.sketch_rows, cfg.sketch_cols))
     features = clustering.fused_features(sketch, centroid[layer], cfg.similarity_alpha)
     similarity = features @ features.T
     current = jnp.arange(cfg.num_experts, dtype=jnp.int32) // cfg.experts_per_cluster
@@ -177,7 +177,7 @@ def recluster(params: Any, opt_state: Any, cluster_state: ClusterState, step: ja
     adopt = clustering.should_adopt(old_score, new_score, cfg.min_gain)
     perm = jnp.where(adopt, clustering.cluster_major_permutation(candidate, num_clusters),
                      jnp.arange(cfg.num_experts, dtype=jnp.int32))
-    regrouped = _regrouped_layer(weights, layer_params["router"], perm, num_clusters, cfg.rank)
+    regrouped = regrouped_layer(weights, layer_params["router"], perm, num_clusters, cfg.rank)
     new_params[block] = {**params[block], "hmoe": jax.tree.map(lambda new, old: jnp.where(adopt, new, old),
                                                                regrouped, dict(layer_params))}
     # Optimizer moments: router rows follow their experts; re-initialised bases and factors start fresh.

@@ -13,7 +13,7 @@ import json
 import pathlib
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
 import flax.linen as nn
@@ -89,8 +89,14 @@ def _summarise_train_metrics(history: list[dict[str, jax.Array]], tokens: int, s
   return summary
 
 
-def train_and_evaluate(config: ExperimentConfig, workdir: str | pathlib.Path) -> dict[str, Any]:
-  """Trains `config` in `workdir` (resuming if it holds checkpoints) and returns the final evaluation."""
+def train_and_evaluate(config: ExperimentConfig, workdir: str | pathlib.Path, *,
+                       warm_start: Callable[[step_lib.TrainState], step_lib.TrainState] | None = None
+                       ) -> dict[str, Any]:
+  """Trains `config` in `workdir` (resuming if it holds checkpoints) and returns the final evaluation.
+
+  `warm_start` maps the freshly initialised state to the one a new run starts from (for example converted parameters,
+  `experiments/convert_moe.py`). It must keep shapes; a run that resumes from a checkpoint does not call it.
+  """
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
@@ -123,6 +129,9 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | pathlib.Path) ->
   if restored is not None:
     state = restored[1]
     logging.info("resumed from checkpoint at step %d", restored[0])
+  elif warm_start is not None:
+    state = jax.device_put(warm_start(state), state_sharding)
+    logging.info("warm start at step %d", int(state.step))
   start_step = int(state.step)
 
   # ---------------------------------------------------------------- Compiled steps.

@@ -1,11 +1,29 @@
-"""Test-wide JAX settings: 8 fake CPU devices for sharding tests, strict rank promotion."""
+"""Test-wide JAX settings (8 fake CPU devices for sharding tests, strict rank promotion) and shared fixtures."""
 
 import os
+import pathlib
 
 # Must happen before JAX initialises its backends.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+_WORDS = ("the cat dog sat on a mat and ran to <unk> house river stone @-@ , . of in was is it").split()
+
+
+@pytest.fixture(scope="module")
+def wikitext_dir(tmp_path_factory) -> pathlib.Path:
+  root = tmp_path_factory.mktemp("data")
+  (root / "wikitext-2").mkdir()
+  rng = np.random.default_rng(0)
+  for split, num_lines in (("train", 300), ("valid", 40), ("test", 40)):
+    lines = [" = Heading = \n", " \n"]
+    lines += [" " + " ".join(rng.choice(_WORDS, size=rng.integers(4, 20))) + " \n" for _ in range(num_lines)]
+    (root / "wikitext-2" / f"wiki.{split}.tokens").write_text("".join(lines))
+  return root

@@ -16,21 +16,6 @@ from hmoe.model import TransformerLM
 from hmoe.testing import dummy_batch, tiny_config
 from hmoe.train import train_and_evaluate
 
-_WORDS = ("the cat dog sat on a mat and ran to <unk> house river stone @-@ , . of in was is it").split()
-
-
-@pytest.fixture(scope="module")
-def wikitext_dir(tmp_path_factory) -> pathlib.Path:
-  root = tmp_path_factory.mktemp("data")
-  (root / "wikitext-2").mkdir()
-  rng = np.random.default_rng(0)
-  for split, num_lines in (("train", 300), ("valid", 40), ("test", 40)):
-    lines = [" = Heading = \n", " \n"]
-    lines += [" " + " ".join(rng.choice(_WORDS, size=rng.integers(4, 20))) + " \n" for _ in range(num_lines)]
-    (root / "wikitext-2" / f"wiki.{split}.tokens").write_text("".join(lines))
-  return root
-
-
 def _config(data_dir, **train_overrides):
   raw = tiny.get_config().to_dict()
   raw["data"]["data_dir"] = str(data_dir)

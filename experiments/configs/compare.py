@@ -1,0 +1,45 @@
+"""Dense vs standard MoE vs hierarchical MoE on WikiText-2, everything but the FFN kind equal (issue: HMoE comparison).
+
+  python -m experiments.train --config=experiments/configs/compare.py:hmoe8x4 --workdir=runs/compare/hmoe8x4
+  python -m experiments.compare --runs_dir=runs/compare      # the README table (after all variants trained)
+
+Trunk, data order, seed, steps and tokens are those of `small.py` except the schedule (500 steps = 1.02M tokens, so
+the four variants fit in about an hour of 2 CPU cores). Variants:
+  dense    SwiGLU FFN of width 1024 (the active width of every sparse variant: top-2 x 512).
+  moe      standard MoE, E=32 experts of width 512, top-2.
+  hmoe8x4  hierarchical MoE, E=32 as G=8 clusters x M=4, rank R=16, top-1 cluster, top-2 experts inside.
+  hmoe4x8  the same as G=4 x M=8.
+All sparse variants use the same balance-loss weight (0.01), z-loss weight and capacity factor (1.25). The HMoE
+variants regroup their experts every 100 steps.
+"""
+
+import ml_collections
+
+from hmoe.config import base_config
+
+VARIANTS = ("dense", "moe", "hmoe8x4", "hmoe4x8")
+
+
+def get_config(variant: str = "hmoe8x4") -> ml_collections.ConfigDict:
+  if variant not in VARIANTS:
+    raise ValueError(f"compare config variant must be one of {VARIANTS}, got {variant!r}")
+  config = base_config()
+  kind = "hmoe" if variant.startswith("hmoe") else variant
+  config.model.update(
+      vocab_size=8192, d_model=256, num_layers=4, num_heads=4, d_ff=1024, max_len=128,
+      ffn_pattern=kind, tie_embeddings=True, dtype="float32",
+      moe=dict(num_experts=32, top_k=2, expert_ff=512, capacity_factor=1.25, balance_loss_weight=0.01,
+               z_loss_weight=1e-3),
+  )
+  if kind == "hmoe":
+    clusters, members = map(int, variant[len("hmoe"):].split("x"))
+    config.model.hmoe.update(
+        num_experts=clusters * members, num_clusters=clusters, rank=16, top_k_clusters=1, top_k_experts=2,
+        expert_ff=512, capacity_factor=1.25, balance_loss_weight=0.01, cluster_balance_loss_weight=0.01,
+        z_loss_weight=1e-3, recluster_every=100)
+  config.data.update(dataset="wikitext-2", seq_len=128, batch_size=16, eval_batch_size=32,
+                     eval_splits=("valid", "test"))
+  config.train.update(seed=0, num_steps=500, learning_rate=3e-3, warmup_steps=50, min_lr_ratio=0.1,
+                      weight_decay=0.1, grad_clip_norm=1.0, log_every=10, eval_every=500, checkpoint_every=100,
+                      keep_checkpoints=2)
+  return config

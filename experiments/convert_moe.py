@@ -1,0 +1,113 @@
+"""Post-hoc conversion: a trained standard MoE run -> hierarchical MoE, perplexity before, after and after fine-tuning.
+
+  python -m experiments.convert_moe --moe_workdir=runs/compare/moe --members=4 --workdir=runs/convert/g8x4
+
+Reads the MoE run's config and newest checkpoint, evaluates it on the full valid/test splits, converts every MoE layer
+(`hmoe.convert`: cluster the experts, shared base + rank-R SVD residuals), evaluates the converted model without any
+training, then fine-tunes it for --finetune_steps on the batches that follow the MoE run's last step (fresh AdamW at
+--finetune_lr, regrouping off) and evaluates again. Prints a summary and writes it to <workdir>/summary.json.
+"""
+
+import dataclasses
+import functools
+import json
+import pathlib
+import shutil
+
+from absl import app, flags, logging
+import jax
+import jax.numpy as jnp
+
+from hmoe import checkpoint, convert, metrics, step as step_lib
+from hmoe.config import from_config_dict
+from hmoe.model import TransformerLM
+from hmoe.train import evaluate, load_corpus, train_and_evaluate
+
+_MOE_WORKDIR = flags.DEFINE_string("moe_workdir", None, "Workdir of a finished standard-MoE run.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where the converted model is fine-tuned.")
+_MEMBERS = flags.DEFINE_integer("members", 4, "Experts per cluster M (G = E / M).")
+_RANK = flags.DEFINE_integer("rank", 16, "Residual rank R.")
+_FINETUNE_STEPS = flags.DEFINE_integer("finetune_steps", 100, "Fine-tuning steps after conversion (0: none).")
+_FINETUNE_LR = flags.DEFINE_float("finetune_lr", 3e-4, "Peak learning rate of the fine-tuning (10 warm-up steps).")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the k-means seeding.")
+
+flags.mark_flags_as_required(["moe_workdir", "workdir"])
+
+
+def _restore_moe_state(config, workdir: pathlib.Path) -> step_lib.TrainState:
+  model = TransformerLM(config.model)
+  optimizer = step_lib.make_optimizer(config.train)
+  abstract = jax.eval_shape(functools.partial(step_lib.init_train_state, model, optimizer, config))
+  restored = checkpoint.Checkpointer(workdir / "checkpoints").restore(checkpoint.abstract_like(abstract))
+  if restored is None:
+    raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
+  return restored[1]
+
+
+def _evaluate_all(config, params, corpus) -> dict[str, float]:
+  eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=TransformerLM(config.model)))
+  state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=None, rng=None,
+                              nan_step=jnp.zeros((), jnp.int32), cluster_state=None)
+  results = {}
+  for split in config.data.eval_splits:
+    values = evaluate(eval_fn, state, corpus.eval_splits[split], config, corpus.tokenizer.eos_id)
+    results.update({f"{split}/loss": values["loss"], f"{split}/word_perplexity": values["word_perplexity"]})
+  return results
+
+
+def run(moe_workdir: pathlib.Path, workdir: pathlib.Path, *, members: int, rank: int, finetune_steps: int,
+        finetune_lr: float, seed: int = 0) -> dict:
+  """The whole experiment; returns (and writes to <workdir>/summary.json) the summary."""
+  moe_config = from_config_dict(json.loads((moe_workdir / "config.json").read_text()))
+  num_experts = moe_config.model.moe.num_experts
+  if num_experts % members:
+    raise ValueError(f"--members={members} must divide the MoE's {num_experts} experts")
+  hmoe_model = convert.hmoe_model_config(moe_config.model, num_clusters=num_experts // members, rank=rank,
+                                         recluster_every=0)
+  corpus = load_corpus(moe_config, moe_workdir)  # The MoE run's cached tokenizer and encoded splits.
+
+  moe_state = _restore_moe_state(moe_config, moe_workdir)
+  moe_step = int(moe_state.step)
+  summary = {"moe_step": moe_step, "members": members, "rank": rank, "finetune_steps": finetune_steps}
+  summary["moe"] = {**metrics.parameter_counts(moe_state.params, moe_config.model),
+                    **_evaluate_all(moe_config, moe_state.params, corpus)}
+  logging.info("MoE at step %d: %s", moe_step, summary["moe"])
+
+  params, cluster_state, info = convert.convert_moe_params(moe_state.params, hmoe_model,
+                                                           jax.random.PRNGKey(seed))
+  hmoe_config = dataclasses.replace(moe_config, model=hmoe_model)
+  summary["relative_error_per_layer"] = [round(float(e), 4) for e in info["relative_error"]]
+  summary["converted"] = {**metrics.parameter_counts(params, hmoe_model),
+                          **_evaluate_all(hmoe_config, params, corpus)}
+  logging.info("converted, no training: %s", summary["converted"])
+
+  workdir.mkdir(parents=True, exist_ok=True)
+  if finetune_steps:
+    for cached in ("tokenizer.json", "token_cache"):  # Same tokenizer, and no re-encoding.
+      source, target = moe_workdir / cached, workdir / cached
+      if not target.exists():
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, target)
+    finetune_config = dataclasses.replace(hmoe_config, train=dataclasses.replace(
+        moe_config.train, num_steps=moe_step + finetune_steps, learning_rate=finetune_lr, warmup_steps=min(10, finetune_steps),
+        min_lr_ratio=1.0, eval_every=moe_step + finetune_steps, checkpoint_every=finetune_steps))
+    finetune_config.validate()
+    # Data position continues after the MoE run's last batch; the optimizer starts fresh (new parameterisation).
+    warm_start = lambda state: state.replace(params=params, cluster_state=cluster_state,
+                                             step=jnp.asarray(moe_step, jnp.int32))
+    results = train_and_evaluate(finetune_config, workdir, warm_start=warm_start)
+    summary["finetuned"] = {key: value for key, value in results.items()
+                            if key.endswith(("/loss", "/word_perplexity"))}
+  (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+  return summary
+
+
+def main(argv):
+  del argv
+  summary = run(pathlib.Path(_MOE_WORKDIR.value), pathlib.Path(_WORKDIR.value), members=_MEMBERS.value,
+                rank=_RANK.value, finetune_steps=_FINETUNE_STEPS.value, finetune_lr=_FINETUNE_LR.value,
+                seed=_SEED.value)
+  print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,105 @@
+"""Post-hoc MoE -> HMoE conversion: exactness at full rank, permutation consistency, error vs rank, the experiment."""
+
+import dataclasses
+import json
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import convert_moe
+from experiments.configs import tiny
+from hmoe import convert, regroup
+from hmoe.config import from_config_dict
+from hmoe.model import TransformerLM
+from hmoe.testing import dummy_batch, tiny_config
+from hmoe.train import train_and_evaluate
+
+
+def _trained_like_moe(num_experts=8, expert_ff=16):
+  """A tiny MoE LM whose expert weights are perturbed away from their init (so experts are distinct and non-trivial)."""
+  config = tiny_config(ffn_pattern="dense,moe", d_model=16, num_heads=2,
+                       moe=dataclasses.replace(tiny_config().model.moe, num_experts=num_experts, expert_ff=expert_ff))
+  model = TransformerLM(config.model)
+  batch = dummy_batch(config)
+  params = model.init(jax.random.PRNGKey(0), batch["inputs"], train=False)["params"]
+  params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.PRNGKey(1), p.shape) * jnp.std(p),
+                        nn.meta.unbox(params))
+  return config, params, batch
+
+
+def test_one_cluster_full_rank_conversion_reproduces_the_moe_exactly():
+  # G = 1 (top-1 cluster = all experts) and R = F: stage 2 is the MoE's top-k over all experts, and the SVD is exact.
+  config, params, batch = _trained_like_moe(num_experts=4, expert_ff=16)
+  hmoe_model = convert.hmoe_model_config(config.model, num_clusters=1, rank=16)
+  converted, _, info = convert.convert_moe_params(params, hmoe_model, jax.random.PRNGKey(0))
+  moe_logits, _ = TransformerLM(config.model).apply({"params": params}, batch["inputs"], train=False)
+  hmoe_logits, _ = TransformerLM(hmoe_model).apply({"params": converted}, batch["inputs"], train=False)
+  chex.assert_trees_all_close(hmoe_logits, moe_logits, atol=2e-4, rtol=2e-4)
+  assert float(info["relative_error"][0]) < 1e-5
+
+
+def test_converted_experts_are_the_original_experts_permuted_with_their_router_rows():
+  config, params, _ = _trained_like_moe(num_experts=8, expert_ff=16)
+  hmoe_model = convert.hmoe_model_config(config.model, num_clusters=4, rank=16)  # Full rank: exact reconstruction.
+  converted, cluster_state, _ = convert.convert_moe_params(params, hmoe_model, jax.random.PRNGKey(3))
+  perm = np.asarray(cluster_state.expert_id[0])
+  assert sorted(perm.tolist()) == list(range(8))
+  moe, hmoe = params["block_1"]["moe"], converted["block_1"]["hmoe"]
+  weights = regroup.reconstruct_experts(hmoe)
+  for name in ("gate", "up", "down"):
+    chex.assert_trees_all_close(weights[name], moe[f"w_{name}"][perm], atol=1e-5)
+  chex.assert_trees_all_close(hmoe["router"].reshape(16, 8), moe["router"]["kernel"][:, perm])
+  # Everything outside the MoE layer is untouched.
+  chex.assert_trees_all_close(converted["block_0"], params["block_0"])
+  chex.assert_trees_all_close(converted["embedding"], params["embedding"])
+
+
+def test_conversion_error_falls_with_rank_and_stays_below_the_no_residual_error():
+  config, params, _ = _trained_like_moe(num_experts=8, expert_ff=16)
+  errors = []
+  for rank in (1, 4, 8):
+    hmoe_model = convert.hmoe_model_config(config.model, num_clusters=2, rank=rank)
+    errors.append(float(convert.convert_moe_params(params, hmoe_model, jax.random.PRNGKey(0))[2]["relative_error"][0]))
+  assert errors[0] > errors[1] > errors[2] > 0
+  # Base only (no residuals): the error of replacing every expert by its cluster mean. Rank 1 must already beat it.
+  moe = params["block_1"]["moe"]
+  stacked = jnp.concatenate([moe[f"w_{m}"].reshape(8, -1) for m in ("gate", "up", "down")], axis=1)
+  _, cluster_state, _ = convert.convert_moe_params(
+      params, convert.hmoe_model_config(config.model, num_clusters=2, rank=1), jax.random.PRNGKey(0))
+  grouped = stacked[np.asarray(cluster_state.expert_id[0])].reshape(2, 4, -1)
+  base_only = jnp.linalg.norm(grouped - grouped.mean(axis=1, keepdims=True)) / jnp.linalg.norm(stacked)
+  assert errors[0] < float(base_only)
+
+
+def test_hmoe_model_config_keeps_the_trunk_and_rejects_models_without_moe_layers():
+  config = tiny_config(ffn_pattern="dense,moe")
+  converted = convert.hmoe_model_config(config.model, num_clusters=2, rank=4)
+  assert converted.ffn_kinds == ("dense", "hmoe")
+  assert converted.hmoe.num_experts == config.model.moe.num_experts
+  assert converted.hmoe.top_k_experts == config.model.moe.top_k
+  assert dataclasses.replace(converted, ffn_pattern=config.model.ffn_pattern, hmoe=config.model.hmoe) == config.model
+  with pytest.raises(ValueError, match="standard MoE"):
+    convert.hmoe_model_config(tiny_config(ffn_pattern="dense").model, num_clusters=2, rank=4)
+  with pytest.raises(ValueError, match="num_clusters"):
+    convert.hmoe_model_config(config.model, num_clusters=3, rank=4)
+
+
+def test_convert_experiment_evaluates_converts_and_finetunes_a_trained_moe_run(wikitext_dir, tmp_path):
+  raw = tiny.get_config().to_dict()
+  raw["data"]["data_dir"] = str(wikitext_dir)
+  raw["train"].update(num_steps=4, eval_every=4, checkpoint_every=4)
+  train_and_evaluate(from_config_dict(raw), tmp_path / "moe")
+  summary = convert_moe.run(tmp_path / "moe", tmp_path / "hmoe", members=2, rank=4, finetune_steps=3,
+                            finetune_lr=1e-3)
+  assert summary["moe_step"] == 4
+  for stage in ("moe", "converted", "finetuned"):
+    assert np.isfinite(summary[stage]["valid/word_perplexity"]), stage
+  assert summary["converted"]["params_total"] < summary["moe"]["params_total"]
+  assert json.loads((tmp_path / "hmoe" / "summary.json").read_text()) == summary
+  # The fine-tune continued the MoE run's step count (and data position) for exactly finetune_steps updates.
+  rows = [json.loads(line) for line in (tmp_path / "hmoe" / "metrics.jsonl").read_text().splitlines()]
+  assert max(row["step"] for row in rows) == 7
