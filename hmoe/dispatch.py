@@ -19,10 +19,27 @@ earlier tokens before later ones within the same choice rank.
 from __future__ import annotations
 
 import math
+from typing import Any, Callable, Sequence
 
 import flax
 import jax
 import jax.numpy as jnp
+
+
+def map_groups(fn: Callable[..., Any], in_axes: Sequence[int | None], *args: Any) -> Any:
+  """`jax.vmap(fn, in_axes)(*args)` over the leading routing-group axis, calling `fn` directly for a single group.
+
+  A vmapped gather/scatter becomes a batched gather that XLA:CPU runs much slower than the plain one: the HMoE layer
+  at 8,192 tokens (E=32, G=8) took 532 ms vmapped over one group and 361 ms called directly (standard MoE: 5% less).
+  `args` with axis None are passed through unchanged; outputs get the group axis back.
+  """
+  mapped = [arg for arg, axis in zip(args, in_axes) if axis == 0]
+  if not mapped:
+    raise ValueError("map_groups needs at least one argument mapped over axis 0")
+  if jax.tree.leaves(mapped[0])[0].shape[0] != 1:
+    return jax.vmap(fn, in_axes=tuple(in_axes))(*args)
+  squeezed = [jax.tree.map(lambda leaf: leaf[0], arg) if axis == 0 else arg for arg, axis in zip(args, in_axes)]
+  return jax.tree.map(lambda leaf: leaf[None], fn(*squeezed))
 
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
@@ -118,7 +135,13 @@ def combine_rows(y_RxD: jax.Array, plan: DispatchPlan, gates_TxK: jax.Array) -> 
   y_padded = jnp.concatenate([y_RxD, jnp.zeros((1, y_RxD.shape[-1]), y_RxD.dtype)], axis=0)
   y_KxTxD = y_padded[plan.row].reshape(top_k, num_tokens, -1)
   weights_KxT = (gates_TxK.T * plan.kept.reshape(top_k, num_tokens)).astype(y_RxD.dtype)
-  return jnp.einsum("ktd,kt->td", y_KxTxD, weights_KxT)
+  # Unrolled over the (small, static) K: each term fuses gather and scale into one loop. Measured at 10k tokens,
+  # F=512, K=2 (forward / forward+backward): 37 / 156 ms; einsum("ktd,kt->td") 47 / 169 ms (a transpose copy plus a
+  # batched matrix-vector product); broadcast multiply + sum over K 66 / 347 ms.
+  combined_TxD = y_KxTxD[0] * weights_KxT[0, :, None]
+  for k in range(1, top_k):
+    combined_TxD = combined_TxD + y_KxTxD[k] * weights_KxT[k, :, None]
+  return combined_TxD
 
 
 def einsum_masks(expert_index_TxK: jax.Array, gates_TxK: jax.Array, num_experts: int,

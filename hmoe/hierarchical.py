@@ -177,8 +177,8 @@ class HMoEFeedForward(nn.Module):
     factor = cfg.capacity_factor if train else cfg.eval_capacity_factor
     capacity = num_tokens if dropless else dispatch.expert_capacity(
         num_tokens, cfg.num_clusters, cfg.top_k_clusters, factor)
-    forward = jax.vmap(hmoe_group_forward, in_axes=(0, 0, None, None, None, None))
-    y_GxTxD, kept = forward(x_GxTxD.astype(self.dtype), route, cast(bases), cast(factors), capacity, cfg.block_size)
+    y_GxTxD, kept = dispatch.map_groups(hmoe_group_forward, (0, 0, None, None, None, None), x_GxTxD.astype(self.dtype),
+                                        route, cast(bases), cast(factors), capacity, cfg.block_size)
     return y_GxTxD.reshape(batch, length, width), self._stats(route, kept, x_GxTxD)
 
   def _stats(self, route: HierarchicalRouterOutput, kept: jax.Array, x_GxTxD: jax.Array) -> HMoEStats:

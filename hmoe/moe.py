@@ -107,13 +107,13 @@ class MoEFeedForward(nn.Module):
     num_tokens = x_GxTxD.shape[1]
     dropless = self._dropless(train)
     if dropless:
-      plan = jax.vmap(dispatch.plan_dropless, in_axes=(0, None, None))(
-          route.expert_index, cfg.num_experts, cfg.dropless_block_size)
+      plan = dispatch.map_groups(dispatch.plan_dropless, (0, None, None), route.expert_index, cfg.num_experts,
+                                 cfg.dropless_block_size)
     else:
-      plan = jax.vmap(dispatch.plan_capacity, in_axes=(0, None, None))(
-          route.expert_index, cfg.num_experts, self._capacity(num_tokens, train))
+      plan = dispatch.map_groups(dispatch.plan_capacity, (0, None, None), route.expert_index, cfg.num_experts,
+                                 self._capacity(num_tokens, train))
     with jax.named_scope("dispatch"):
-      rows_GxRxD = jax.vmap(dispatch.gather_rows)(x_GxTxD, plan)
+      rows_GxRxD = dispatch.map_groups(dispatch.gather_rows, (0, 0), x_GxTxD, plan)
     num_blocks = plan.block_expert.shape[-1]
     rows_GxNxSxD = rows_GxRxD.reshape(rows_GxRxD.shape[0], num_blocks, -1, rows_GxRxD.shape[-1])
     with jax.named_scope("experts"):
@@ -126,7 +126,7 @@ class MoEFeedForward(nn.Module):
         y_GxNxSxD = swiglu(rows_GxNxSxD, *weights, pattern="gnsd,ndf->gnsf")
     with jax.named_scope("combine"):
       y_GxRxD = y_GxNxSxD.reshape(rows_GxRxD.shape)
-      y_GxTxD = jax.vmap(dispatch.combine_rows)(y_GxRxD, plan, route.gates)
+      y_GxTxD = dispatch.map_groups(dispatch.combine_rows, (0, 0, 0), y_GxRxD, plan, route.gates)
     return y_GxTxD, plan.kept
 
   def _einsum_path(self, x_GxTxD, route, weights, train):

@@ -128,3 +128,19 @@ def test_expert_capacity_bounds():
   assert dispatch.expert_capacity(100, 4, 2, 1.0) == 50
   assert dispatch.expert_capacity(100, 4, 2, 10.0) == 100  # Never more slots than tokens.
   assert dispatch.expert_capacity(3, 64, 1, 0.01) == 1
+
+
+@pytest.mark.parametrize("num_groups", [1, 3])
+def test_map_groups_matches_vmap_for_one_and_several_groups(num_groups):
+  expert_index = jax.random.randint(jax.random.PRNGKey(0), (num_groups, 10, 2), 0, 4)
+  x = jax.random.normal(jax.random.PRNGKey(1), (num_groups, 10, 6))
+
+  def dispatch_and_gather(index_TxK, x_TxD, capacity):
+    plan = dispatch.plan_capacity(index_TxK, 4, capacity)
+    return dispatch.gather_rows(x_TxD, plan), plan.kept
+
+  expected = jax.vmap(dispatch_and_gather, in_axes=(0, 0, None))(expert_index, x, 3)
+  actual = dispatch.map_groups(dispatch_and_gather, (0, 0, None), expert_index, x, 3)
+  chex.assert_trees_all_close(actual, expected)
+  with pytest.raises(ValueError, match="at least one"):
+    dispatch.map_groups(dispatch_and_gather, (None, None, None), expert_index, x, 3)
