@@ -10,9 +10,8 @@ relative to the dense SwiGLU FFN whose hidden width is top_k * expert_ff (the sa
 
 from absl import app, flags
 import jax
-import jax.numpy as jnp
 
-from hmoe.benchmark import format_table, median_seconds
+from hmoe.benchmark import format_table, layer_seconds
 from hmoe.config import HMoEConfig, MoEConfig
 from hmoe.hierarchical import HMoEFeedForward
 from hmoe.layers import DenseFeedForward
@@ -32,17 +31,7 @@ _BACKWARD = flags.DEFINE_bool("backward", False, "Time forward + backward instea
 
 
 def _timed(module, x, **kwargs) -> float:
-  params = module.init(jax.random.PRNGKey(0), x, **kwargs)
-
-  def forward(params, x):
-    out = module.apply(params, x, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-  if _BACKWARD.value:
-    fn = jax.jit(jax.grad(lambda p, x: jnp.sum(forward(p, x)), argnums=(0, 1)))
-  else:
-    fn = jax.jit(forward)
-  return median_seconds(fn, params, x, repeats=_REPEATS.value)
+  return layer_seconds(module, x, backward=_BACKWARD.value, repeats=_REPEATS.value, **kwargs)
 
 
 def _layer(path: str, num_experts: int):

@@ -5,11 +5,18 @@ Benchmarks compare variants inside one process and report ratios, because absolu
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hmoe.config import ExperimentConfig, from_config_dict
+from hmoe.model import TransformerLM
+from hmoe.step import init_train_state, make_optimizer, train_step
 
 
 def median_seconds(fn: Callable[..., Any], *args: Any, repeats: int = 5, warmup: int = 1) -> float:
@@ -33,3 +40,38 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
   lines += ["| " + " | ".join(cell(row.get(column, "")) for column in columns) + " |" for row in rows]
   return "\n".join(lines)
+
+
+def load_variant_config(path: str, variant: str) -> ExperimentConfig:
+  """The validated `ExperimentConfig` of `get_config(variant)` in a config file (the files the trainer reads)."""
+  namespace: dict[str, Any] = {}
+  exec(compile(open(path).read(), path, "exec"), namespace)
+  return from_config_dict(namespace["get_config"](variant))
+
+
+def layer_seconds(module: Any, x: jax.Array, *, backward: bool = False, repeats: int = 5, **kwargs: Any) -> float:
+  """Median time of a linen FFN layer's forward (or forward + backward w.r.t. params and input) on `x`."""
+  params = module.init(jax.random.PRNGKey(0), x, **kwargs)
+
+  def forward(params, x):
+    out = module.apply(params, x, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+  if backward:
+    fn = jax.jit(jax.grad(lambda p, x: jnp.sum(forward(p, x)), argnums=(0, 1)))
+  else:
+    fn = jax.jit(forward)
+  return median_seconds(fn, params, x, repeats=repeats)
+
+
+def train_step_seconds(config: ExperimentConfig, *, repeats: int = 5) -> float:
+  """Median time of one jitted train step (forward, backward, AdamW) of `config` on synthetic tokens."""
+  model, optimizer = TransformerLM(config.model), make_optimizer(config.train)
+  state = jax.jit(functools.partial(init_train_state, model, optimizer, config))()
+  rng = np.random.default_rng(0)
+  shape = (config.data.batch_size, config.data.seq_len)
+  batch = {"inputs": rng.integers(0, config.model.vocab_size, shape, dtype=np.int32),
+           "targets": rng.integers(0, config.model.vocab_size, shape, dtype=np.int32)}
+  step_fn = jax.jit(functools.partial(train_step, model=model, optimizer=optimizer, config=config))
+  # The state is not donated, so every timed call starts from the same state.
+  return median_seconds(lambda s, b: step_fn(s, b)[1]["loss"], state, batch, repeats=repeats)

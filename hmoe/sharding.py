@@ -25,6 +25,11 @@ LOGICAL_AXIS_RULES = (
     ("qkv", None),
     ("mlp", "model"),
     ("expert", "expert"),
+    # Cluster-major HMoE parameters: a cluster's base and its members' factors live on the same expert shard, so
+    # stage-2 dispatch never leaves the device that holds the cluster.
+    ("cluster", "expert"),
+    ("member", None),
+    ("rank", None),
 )
 
 

@@ -74,3 +74,30 @@ def test_pod_config_shapes_without_memory():
   shardings = sharding.logical_shardings(abstract_boxed, mesh)
   assert shardings.params["block_1"]["moe"]["w_down"].spec == PartitionSpec("expert", "model", None)
   assert shardings.opt_state[1][0].mu["block_1"]["moe"]["w_down"].spec == PartitionSpec("expert", "model", None)
+
+
+def test_pod_hmoe_config_shapes_counts_and_cluster_sharding_without_memory():
+  config = from_config_dict(pod.get_config("hmoe"))
+  model, optimizer = TransformerLM(config.model), step_lib.make_optimizer(config.train)
+  abstract = jax.eval_shape(functools.partial(step_lib.init_train_state, model, optimizer, config))
+  counts = parameter_counts(abstract.params, config.model)
+  moe_config = from_config_dict(pod.get_config("moe"))
+  moe_abstract = jax.eval_shape(functools.partial(step_lib.init_train_state, TransformerLM(moe_config.model),
+                                                  step_lib.make_optimizer(moe_config.train), moe_config))
+  moe_counts = parameter_counts(moe_abstract.params, moe_config.model)
+  # Per HMoE layer: G full bases + E rank-R factor pairs instead of E full experts:
+  # expert params = 3 (G D F + E R (D + F)) = 3 (16*1024*2816 + 64*64*3840) over 12 layers.
+  assert counts["params_expert"] == 12 * 3 * (16 * 1024 * 2816 + 64 * 64 * (1024 + 2816))
+  # Expert-parameter ratio to the standard MoE = 1/M + R (D + F) / (D F) = 0.25 + 0.085.
+  np.testing.assert_allclose(counts["params_expert"] / moe_counts["params_expert"],
+                             1 / 4 + 64 * (1024 + 2816) / (1024 * 2816), rtol=1e-9)
+  assert moe_counts["params_total"] - counts["params_total"] == moe_counts["params_expert"] - counts["params_expert"]
+  chex.assert_shape(abstract.params["block_1"]["hmoe"]["base_down"], (16, 2816, 1024))
+  chex.assert_shape(abstract.params["block_1"]["hmoe"]["u_gate"], (16, 4, 1024, 64))
+  chex.assert_shape(abstract.cluster_state.centroid, (12, 64, 1024))
+  abstract_boxed = jax.eval_shape(functools.partial(step_lib.init_boxed_train_state, model, optimizer, config))
+  shardings = sharding.logical_shardings(abstract_boxed, sharding.make_mesh((1, 8, 1)))
+  hmoe_shardings = shardings.params["block_1"]["hmoe"]
+  assert hmoe_shardings["base_gate"].spec == PartitionSpec("expert", None, "model")
+  assert hmoe_shardings["v_up"].spec == PartitionSpec("expert", None, None, "model")
+  assert hmoe_shardings["router"].spec == PartitionSpec(None, "expert", None)

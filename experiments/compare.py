@@ -1,0 +1,138 @@
+"""The dense / MoE / HMoE comparison table, from finished runs plus throughput measured here in one process.
+
+  for v in dense moe hmoe8x4 hmoe4x8; do
+    python -m experiments.train --config=experiments/configs/compare.py:$v --workdir=runs/compare/$v
+  done
+  python -m experiments.compare --runs_dir=runs/compare
+
+Quality and balance come from each run's metrics.jsonl: final valid/test word-level perplexity; expert-load CV and
+dropped-token fraction averaged over the logging windows of the second half of training (the first half is dominated
+by the routers' start-up); for HMoE also the cluster-load CV and, per regroup, the loss jump on the next batch and the
+steps until the training loss (10-step window means) is back at its last pre-regroup window. Parameter counts come
+from the configs. Speed is measured now: the FFN layer's forward at --layer_tokens tokens and the full train step,
+every variant in this process (warm-up excluded, median of --repeats), as ratios to the standard MoE.
+Writes <runs_dir>/table.md and <runs_dir>/table.json.
+"""
+
+import functools
+import json
+import pathlib
+
+from absl import app, flags
+import jax
+import numpy as np
+
+from hmoe import metrics
+from hmoe.benchmark import format_table, layer_seconds, load_variant_config, train_step_seconds
+from hmoe.hierarchical import HMoEFeedForward
+from hmoe.layers import DenseFeedForward
+from hmoe.model import TransformerLM
+from hmoe.moe import MoEFeedForward
+from hmoe.step import init_train_state, make_optimizer
+
+_RUNS_DIR = flags.DEFINE_string("runs_dir", "runs/compare", "Directory holding one workdir per variant.")
+_CONFIG = flags.DEFINE_string("config", "experiments/configs/compare.py", "Config file with get_config(variant).")
+_VARIANTS = flags.DEFINE_list("variants", ["dense", "moe", "hmoe8x4", "hmoe4x8"], "Variants (workdir names).")
+_LAYER_TOKENS = flags.DEFINE_integer("layer_tokens", 8192, "Tokens of the FFN-layer benchmark.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per measurement (median reported).")
+_REFERENCE = "moe"
+
+
+def _read_metrics(workdir: pathlib.Path) -> list[dict]:
+  path = workdir / "metrics.jsonl"
+  if not path.exists():
+    raise FileNotFoundError(f"{path} is missing: train this variant first (see this module's docstring)")
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def regroup_recovery(rows: list[dict]) -> list[dict]:
+  """Per regroup: loss jump on the next batch, and steps until the train loss is back at its pre-regroup level.
+
+  The level is the training-loss window that ends at the regroup step; recovery is the first later window whose mean
+  is at or below it (None if training ended first).
+  """
+  train = sorted((row["step"], row["train/ce_loss"]) for row in rows if "train/ce_loss" in row)
+  events = []
+  for row in rows:
+    if "regroup/loss_before" not in row:
+      continue
+    step = row["step"]
+    before = [loss for s, loss in train if s <= step]
+    level = before[-1] if before else float("inf")
+    recovered = next((s - step for s, loss in train if s > step and loss <= level), None)
+    events.append({"step": step, "jump": row["regroup/loss_after"] - row["regroup/loss_before"],
+                   "adopted": float(np.mean(row["regroup/adopted"])),
+                   "stability": float(np.mean(row["regroup/stability"])), "recovery_steps": recovered})
+  return events
+
+
+def _summarise_run(rows: list[dict], num_steps: int) -> dict:
+  late = [row for row in rows if "train/ce_loss" in row and row["step"] > num_steps // 2]
+  final = {key: value for row in rows for key, value in row.items() if key.endswith("/word_perplexity")}
+  summary = {"valid ppl": final.get("valid/word_perplexity"), "test ppl": final.get("test/word_perplexity")}
+  for key, name in (("train/load_cv", "load CV"), ("train/dropped_fraction", "dropped"),
+                    ("train/cluster_load_cv", "cluster CV")):
+    values = [row[key] for row in late if key in row]
+    summary[name] = float(np.mean(values)) if values else None
+  events = regroup_recovery(rows)
+  if events:
+    summary["regroups"] = events
+    summary["max jump"] = max(event["jump"] for event in events)
+    recoveries = [event["recovery_steps"] for event in events]
+    summary["max recovery"] = None if None in recoveries else max(recoveries)
+  return summary
+
+
+def _ffn_layer(config):
+  model = config.model
+  if model.sparse_kind == "moe":
+    return MoEFeedForward(model.moe)
+  if model.sparse_kind == "hmoe":
+    return HMoEFeedForward(model.hmoe)
+  return DenseFeedForward(model.d_ff)
+
+
+def _parameter_counts(config) -> dict:
+  model, optimizer = TransformerLM(config.model), make_optimizer(config.train)
+  state = jax.eval_shape(functools.partial(init_train_state, model, optimizer, config))
+  return metrics.parameter_counts(state.params, config.model)
+
+
+def main(argv):
+  del argv
+  runs_dir = pathlib.Path(_RUNS_DIR.value)
+  rows = []
+  for variant in _VARIANTS.value:
+    config = load_variant_config(_CONFIG.value, variant)
+    row = {"variant": variant, **_summarise_run(_read_metrics(runs_dir / variant), config.train.num_steps)}
+    counts = _parameter_counts(config)
+    row.update({"total params (M)": counts["params_total"] / 1e6, "expert params (M)": counts["params_expert"] / 1e6,
+                "active params (M)": counts["params_active"] / 1e6,
+                "MB at f32": counts["params_total"] * 4 / 2**20})
+    x = jax.random.normal(jax.random.PRNGKey(1), (1, _LAYER_TOKENS.value, config.model.d_model))
+    kwargs = {} if config.model.sparse_kind == "dense" else {"train": True}
+    layer_s = layer_seconds(_ffn_layer(config), x, repeats=_REPEATS.value, **kwargs)
+    step_s = train_step_seconds(config, repeats=_REPEATS.value)
+    row["layer tokens/s"] = _LAYER_TOKENS.value / layer_s
+    row["step tokens/s"] = config.data.batch_size * config.data.seq_len / step_s
+    rows.append(row)
+  reference = next((row for row in rows if row["variant"] == _REFERENCE), rows[0])
+  for row in rows:
+    row["layer speed-up"] = row["layer tokens/s"] / reference["layer tokens/s"]
+    row["step speed-up"] = row["step tokens/s"] / reference["step tokens/s"]
+    row["params vs MoE"] = row["total params (M)"] / reference["total params (M)"]
+    row["expert params vs MoE"] = (row["expert params (M)"] / reference["expert params (M)"]
+                                   if reference["expert params (M)"] else None)
+  columns = ["variant", "valid ppl", "test ppl", "total params (M)", "expert params (M)", "active params (M)",
+             "params vs MoE", "expert params vs MoE", "step tokens/s", "step speed-up", "layer tokens/s",
+             "layer speed-up", "load CV", "cluster CV", "dropped", "max jump", "max recovery"]
+  header = (f"WikiText-2, {_CONFIG.value}; throughput on {jax.devices()[0].platform} "
+            f"({jax.device_count()} device), layer forward at {_LAYER_TOKENS.value} tokens, median of {_REPEATS.value}")
+  table = header + "\n\n" + format_table(rows, columns)
+  print(table)
+  (runs_dir / "table.md").write_text(table + "\n")
+  (runs_dir / "table.json").write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)
