@@ -131,6 +131,10 @@ class ModelConfig:
   max_len: int = 256
   # Comma-separated FFN kinds, cycled over layers: "moe" = every layer, "dense,moe" = every other layer.
   ffn_pattern: str = "dense"
+  # Width of an always-on SwiGLU "shared expert" added beside every routed (moe/hmoe) FFN (DeepSeekMoE, Dai et al.
+  # 2024): features every token needs are learned once, with every token's gradient, instead of in each expert.
+  # 0 = none. Counts as active, non-expert parameters.
+  shared_expert_ff: int = 0
   tie_embeddings: bool = True
   dtype: str = "float32"  # Compute dtype; parameters are always float32.
   rope_base: float = 10_000.0
@@ -173,6 +177,8 @@ class ModelConfig:
     _require(not bad, f"model.ffn_pattern={self.ffn_pattern!r} has unknown kinds {bad}; allowed: {FFN_KINDS}")
     _require(self.dtype in DTYPES, f"model.dtype={self.dtype!r} not in {DTYPES}")
     _require(self.rope_base > 0, f"model.rope_base must be > 0, got {self.rope_base}")
+    _require(isinstance(self.shared_expert_ff, int) and self.shared_expert_ff >= 0,
+             f"model.shared_expert_ff must be an int >= 0, got {self.shared_expert_ff!r}")
     _require(not {"moe", "hmoe"} <= set(kinds),
              f"model.ffn_pattern={self.ffn_pattern!r} mixes 'moe' and 'hmoe'; compare them in separate models")
     if "moe" in kinds:

@@ -38,6 +38,8 @@ class Block(nn.Module):
                                                                       selection_bias_GxM=selection_bias_GxM)
     else:
       ffn_out = DenseFeedForward(cfg.d_ff, dtype, name="ffn")(normed)
+    if self.ffn_kind != "dense" and cfg.shared_expert_ff:
+      ffn_out = ffn_out + DenseFeedForward(cfg.shared_expert_ff, dtype, name="shared_expert")(normed)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD + ffn_out, ("batch", "length", "embed"))
     return x_BxLxD, stats
 

@@ -1,5 +1,6 @@
 """Transformer LM: shapes, causality, logical axes, dtypes, and a golden one-step regression."""
 
+import dataclasses
 import functools
 
 import chex
@@ -9,7 +10,9 @@ import jax.numpy as jnp
 import pytest
 
 from hmoe import step as step_lib
-from hmoe.model import TransformerLM, cross_entropy
+from hmoe.layers import CausalSelfAttention, DenseFeedForward, RMSNorm
+from hmoe.metrics import parameter_counts
+from hmoe.model import Block, TransformerLM, cross_entropy
 from hmoe.testing import dummy_batch, tiny_config
 
 
@@ -92,3 +95,28 @@ def test_one_step_golden_regression():
   chex.assert_trees_all_close(grad_norms[0], _GOLDEN_GRAD_NORM, rtol=1e-3)
   chex.assert_trees_all_close(losses[2], _GOLDEN_LOSS_AFTER, rtol=1e-3)
   assert losses[2] < losses[0]
+
+
+def test_shared_expert_adds_a_dense_ffn_beside_the_routed_one_and_counts_as_active():
+  config = tiny_config(shared_expert_ff=24)
+  batch = dummy_batch(config)
+  params = nn.meta.unbox(TransformerLM(config.model).init(jax.random.PRNGKey(0), batch["inputs"])["params"])
+  assert "shared_expert" in params["block_1"] and "shared_expert" not in params["block_0"]  # block_0 is dense.
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, config.model.d_model))
+  block_params = params["block_1"]
+  with_shared, _ = Block(config.model, "moe").apply({"params": block_params}, x, train=False)
+  without = {key: value for key, value in block_params.items() if key != "shared_expert"}
+  routed_only, _ = Block(dataclasses.replace(config.model, shared_expert_ff=0), "moe").apply(
+      {"params": without}, x, train=False)
+  # The FFN input is the post-attention residual, normalised; recompute it to add the shared expert's output.
+  attended = CausalSelfAttention(config.model.num_heads, config.model.rope_base).apply(
+      {"params": block_params["attention"]}, RMSNorm().apply({"params": block_params["attention_norm"]}, x))
+  normed = RMSNorm().apply({"params": block_params["ffn_norm"]}, x + attended)
+  shared = DenseFeedForward(24).apply({"params": block_params["shared_expert"]}, normed)
+  chex.assert_trees_all_close(with_shared, routed_only + shared, atol=1e-5)
+  counts = parameter_counts(params, config.model)
+  plain = parameter_counts(nn.meta.unbox(TransformerLM(tiny_config().model).init(
+      jax.random.PRNGKey(0), batch["inputs"])["params"]), tiny_config().model)
+  shared_size = 3 * config.model.d_model * 24
+  assert counts["params_expert"] == plain["params_expert"]
+  assert counts["params_active"] == plain["params_active"] + shared_size
