@@ -9,6 +9,10 @@ the four variants fit in about an hour of 2 CPU cores). Variants:
   moe      standard MoE, E=32 experts of width 512, top-2.
   hmoe8x4  hierarchical MoE, E=32 as G=8 clusters x M=4, rank R=16, top-1 cluster, top-2 experts inside.
   hmoe4x8  the same as G=4 x M=8.
+Extra variants (not in the main table by default):
+  moe_shared     standard MoE with a shared expert: an always-on SwiGLU of width 512 plus top-2 of 32 routed experts
+                 of width 256 (DeepSeekMoE-style), the same active width 1024.
+  hmoe8x4_adopt  hmoe8x4 that adopts every regrouping (min_gain=-1), to measure the loss spike of real regroups.
 All sparse variants use the same balance-loss weight (0.01), z-loss weight and capacity factor (1.25). The HMoE
 variants regroup their experts every 100 steps.
 """
@@ -17,14 +21,14 @@ import ml_collections
 
 from hmoe.config import base_config
 
-VARIANTS = ("dense", "moe", "hmoe8x4", "hmoe4x8")
+VARIANTS = ("dense", "moe", "hmoe8x4", "hmoe4x8", "moe_shared", "hmoe8x4_adopt")
 
 
 def get_config(variant: str = "hmoe8x4") -> ml_collections.ConfigDict:
   if variant not in VARIANTS:
     raise ValueError(f"compare config variant must be one of {VARIANTS}, got {variant!r}")
   config = base_config()
-  kind = "hmoe" if variant.startswith("hmoe") else variant
+  kind = "hmoe" if variant.startswith("hmoe") else variant.split("_")[0]
   config.model.update(
       vocab_size=8192, d_model=256, num_layers=4, num_heads=4, d_ff=1024, max_len=128,
       ffn_pattern=kind, tie_embeddings=True, dtype="float32",
@@ -32,11 +36,14 @@ def get_config(variant: str = "hmoe8x4") -> ml_collections.ConfigDict:
                z_loss_weight=1e-3),
   )
   if kind == "hmoe":
-    clusters, members = map(int, variant[len("hmoe"):].split("x"))
+    clusters, members = map(int, variant[len("hmoe"):].split("_")[0].split("x"))
     config.model.hmoe.update(
         num_experts=clusters * members, num_clusters=clusters, rank=16, top_k_clusters=1, top_k_experts=2,
         expert_ff=512, capacity_factor=1.25, balance_loss_weight=0.01, cluster_balance_loss_weight=0.01,
-        z_loss_weight=1e-3, recluster_every=100)
+        z_loss_weight=1e-3, recluster_every=100, min_gain=-1.0 if variant.endswith("_adopt") else 0.01)
+  if variant == "moe_shared":
+    config.model.shared_expert_ff = 512
+    config.model.moe.expert_ff = 256
   config.data.update(dataset="wikitext-2", seq_len=128, batch_size=16, eval_batch_size=32,
                      eval_splits=("valid", "test"))
   config.train.update(seed=0, num_steps=500, learning_rate=3e-3, warmup_steps=50, min_lr_ratio=0.1,
