@@ -38,32 +38,11 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per measurement (medi
 _REFERENCE = "moe"
 
 
-def _read_metrics(workdir: pathlib.Path) -> list[dict]:
+def _read_run(workdir: pathlib.Path) -> list[dict]:
   path = workdir / "metrics.jsonl"
   if not path.exists():
     raise FileNotFoundError(f"{path} is missing: train this variant first (see this module's docstring)")
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def regroup_recovery(rows: list[dict]) -> list[dict]:
-  """Per regroup: loss jump on the next batch, and steps until the train loss is back at its pre-regroup level.
-
-  The level is the training-loss window that ends at the regroup step; recovery is the first later window whose mean
-  is at or below it (None if training ended first).
-  """
-  train = sorted((row["step"], row["train/ce_loss"]) for row in rows if "train/ce_loss" in row)
-  events = []
-  for row in rows:
-    if "regroup/loss_before" not in row:
-      continue
-    step = row["step"]
-    before = [loss for s, loss in train if s <= step]
-    level = before[-1] if before else float("inf")
-    recovered = next((s - step for s, loss in train if s > step and loss <= level), None)
-    events.append({"step": step, "jump": row["regroup/loss_after"] - row["regroup/loss_before"],
-                   "adopted": float(np.mean(row["regroup/adopted"])),
-                   "stability": float(np.mean(row["regroup/stability"])), "recovery_steps": recovered})
-  return events
+  return metrics.read_metrics(path)
 
 
 def _summarise_run(rows: list[dict], num_steps: int) -> dict:
@@ -74,7 +53,7 @@ def _summarise_run(rows: list[dict], num_steps: int) -> dict:
                     ("train/cluster_load_cv", "cluster CV")):
     values = [row[key] for row in late if key in row]
     summary[name] = float(np.mean(values)) if values else None
-  events = regroup_recovery(rows)
+  events = metrics.regroup_recovery(rows)
   if events:
     summary["regroups"] = events
     summary["max jump"] = max(event["jump"] for event in events)
@@ -104,7 +83,7 @@ def main(argv):
   rows = []
   for variant in _VARIANTS.value:
     config = load_variant_config(_CONFIG.value, variant)
-    row = {"variant": variant, **_summarise_run(_read_metrics(runs_dir / variant), config.train.num_steps)}
+    row = {"variant": variant, **_summarise_run(_read_run(runs_dir / variant), config.train.num_steps)}
     counts = _parameter_counts(config)
     row.update({"total params (M)": counts["params_total"] / 1e6, "expert params (M)": counts["params_expert"] / 1e6,
                 "active params (M)": counts["params_active"] / 1e6,

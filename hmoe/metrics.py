@@ -1,11 +1,11 @@
-"""Load-balance statistics, parameter counts and a JSON-lines metrics writer."""
+"""Load-balance statistics, parameter counts, regroup recovery and a JSON-lines metrics writer."""
 
 from __future__ import annotations
 
 import json
 import math
 import pathlib
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -53,6 +53,28 @@ def parameter_counts(params: Any, config: ModelConfig) -> dict[str, int]:
     active += bases * cfg.top_k_clusters // cfg.num_clusters
     active += factors * cfg.top_k_clusters * cfg.top_k_experts // cfg.num_experts
   return {"params_total": total, "params_expert": expert, "params_active": active}
+
+
+def regroup_recovery(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+  """Per regroup in a run's metrics rows: loss jump on the next batch, and steps until the train loss recovers.
+
+  The jump is `regroup/loss_after - regroup/loss_before` (the same batch, just before and after regrouping). The
+  pre-regroup level is the mean training loss of the logging window that ends at the regroup step; recovery is the
+  number of steps to the end of the first later window whose mean is at or below it (None if training ended first).
+  """
+  train = sorted((row["step"], row["train/ce_loss"]) for row in rows if "train/ce_loss" in row)
+  events = []
+  for row in rows:
+    if "regroup/loss_before" not in row:
+      continue
+    step = row["step"]
+    before = [loss for s, loss in train if s <= step]
+    level = before[-1] if before else float("inf")
+    recovered = next((s - step for s, loss in train if s > step and loss <= level), None)
+    events.append({"step": step, "jump": row["regroup/loss_after"] - row["regroup/loss_before"],
+                   "adopted": float(np.mean(row["regroup/adopted"])),
+                   "stability": float(np.mean(row["regroup/stability"])), "recovery_steps": recovered})
+  return events
 
 
 def perplexity(nll_sum: float, count: float) -> float:

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 
 from hmoe import step as step_lib
-from hmoe.metrics import MetricsWriter, load_balance, parameter_counts, read_metrics
+from hmoe.metrics import MetricsWriter, load_balance, parameter_counts, read_metrics, regroup_recovery
 from hmoe.model import TransformerLM
 from hmoe.testing import tiny_config
 
@@ -39,3 +39,18 @@ def test_metrics_writer_appends_json_lines(tmp_path):
   MetricsWriter(tmp_path / "m.jsonl").write(2, {"loss": 2.0})  # Reopened, as after a resume.
   assert read_metrics(tmp_path / "m.jsonl") == [{"step": 1, "loss": 2.5, "load": [0.5, 0.5]},
                                                  {"step": 2, "loss": 2.0}]
+
+
+def test_regroup_recovery_measures_jump_and_steps_back_to_the_pre_regroup_window():
+  rows = [{"step": 10, "train/ce_loss": 5.0}, {"step": 20, "train/ce_loss": 4.8},
+          {"step": 20, "regroup/loss_before": 4.7, "regroup/loss_after": 5.2, "regroup/adopted": [True, False],
+           "regroup/stability": [0.5, 0.0]},
+          {"step": 30, "train/ce_loss": 5.1}, {"step": 40, "train/ce_loss": 4.9}, {"step": 50, "train/ce_loss": 4.75},
+          {"step": 50, "regroup/loss_before": 4.7, "regroup/loss_after": 4.7, "regroup/adopted": [False, False],
+           "regroup/stability": [0.0, 0.0]},
+          {"step": 60, "train/ce_loss": 4.8}]
+  first, second = regroup_recovery(rows)
+  assert first["step"] == 20 and first["recovery_steps"] == 30  # Back to <= 4.8 in the window ending at step 50.
+  np.testing.assert_allclose([first["jump"], first["adopted"], first["stability"]], [0.5, 0.5, 0.25])
+  assert second["recovery_steps"] is None  # 4.8 > 4.75 and training ended.
+  assert regroup_recovery([{"step": 1, "train/ce_loss": 3.0}]) == []
