@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from hmoe import checkpoint, convert, metrics, step as step_lib
 from hmoe.config import from_config_dict
 from hmoe.model import TransformerLM
-from hmoe.train import evaluate, load_corpus, train_and_evaluate
+from hmoe.train import evaluate, load_corpus, quiet_library_logging, train_and_evaluate
 
 _MOE_WORKDIR = flags.DEFINE_string("moe_workdir", None, "Workdir of a finished standard-MoE run.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the converted model is fine-tuned.")
@@ -103,6 +103,7 @@ def run(moe_workdir: pathlib.Path, workdir: pathlib.Path, *, members: int, rank:
 
 def main(argv):
   del argv
+  quiet_library_logging()
   summary = run(pathlib.Path(_MOE_WORKDIR.value), pathlib.Path(_WORKDIR.value), members=_MEMBERS.value,
                 rank=_RANK.value, finetune_steps=_FINETUNE_STEPS.value, finetune_lr=_FINETUNE_LR.value,
                 seed=_SEED.value)

@@ -6,14 +6,12 @@
 The run resumes automatically from the newest checkpoint in --workdir.
 """
 
-import logging as std_logging
-
 from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
 from hmoe.config import from_config_dict
-from hmoe.train import train_and_evaluate
+from hmoe.train import quiet_library_logging, train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and caches.")
@@ -22,16 +20,9 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "WikiText root (default: $HMOE
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietLibraries(std_logging.Filter):
-  """Keeps orbax's per-save INFO chatter out of the console; its warnings and errors still show."""
-
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
-
-
 def main(argv):
   del argv
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  quiet_library_logging()
   raw = _CONFIG.value.to_dict()
   if _DATA_DIR.value:
     raw["data"]["data_dir"] = _DATA_DIR.value

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging as std_logging
 import pathlib
 import sys
 import time
@@ -26,6 +27,18 @@ from hmoe import checkpoint, data, metrics, sharding, step as step_lib
 from hmoe.config import ExperimentConfig
 from hmoe.model import TransformerLM
 from hmoe.tokenizer import Tokenizer, load_or_train_tokenizer
+
+
+class _QuietLibraries(std_logging.Filter):
+  """Keeps orbax's per-save INFO chatter out of the console; its warnings and errors still show."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+
+
+def quiet_library_logging() -> None:
+  """For entry points: filter third-party INFO chatter from the absl console handler."""
+  logging.get_absl_handler().addFilter(_QuietLibraries())
 
 
 @dataclasses.dataclass
