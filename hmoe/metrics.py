@@ -27,7 +27,7 @@ def load_balance(load_LxE: np.ndarray) -> dict[str, float]:
 
 
 def parameter_counts(params: Any, config: ModelConfig) -> dict[str, int]:
-  """Total, expert and active-per-token parameter counts of a param tree.
+  """Total, expert and active-per-token parameter counts of a param tree, and bytes of total/expert at float32.
 
   Expert parameters are the routed matrices: `w_*` of standard MoE layers; bases `base_*` and residual factors
   `u_*`/`v_*` of hierarchical layers. A token activates top_k / E of the standard experts, and Kc / G of the bases
@@ -52,7 +52,8 @@ def parameter_counts(params: Any, config: ModelConfig) -> dict[str, int]:
     cfg = config.hmoe
     active += bases * cfg.top_k_clusters // cfg.num_clusters
     active += factors * cfg.top_k_clusters * cfg.top_k_experts // cfg.num_experts
-  return {"params_total": total, "params_expert": expert, "params_active": active}
+  return {"params_total": total, "params_expert": expert, "params_active": active,
+          "bytes_total_f32": 4 * total, "bytes_expert_f32": 4 * expert}
 
 
 def regroup_recovery(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

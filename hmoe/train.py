@@ -157,6 +157,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | pathlib.Path, *,
   recluster_fn = jax.jit(functools.partial(step_lib.recluster_step, optimizer=optimizer, config=config),
                          in_shardings=(state_sharding,), out_shardings=state_sharding, donate_argnums=0)
   writer = metrics.MetricsWriter(workdir / "metrics.jsonl")
+  writer.write(start_step, {f"model/{key}": value for key, value in counts.items()})
 
   def run_evals(state, step: int, splits) -> dict[str, dict[str, float]]:
     results = {}

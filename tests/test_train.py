@@ -50,6 +50,9 @@ def test_run_logs_metrics_and_reports_word_perplexity(wikitext_dir, tmp_path):
   records = metrics.read_metrics(tmp_path / "metrics.jsonl")
   train_records = [r for r in records if "train/loss" in r]
   assert [r["step"] for r in train_records] == [2, 4, 6]
+  (model_record,) = [r for r in records if "model/params_total" in r]
+  assert model_record["model/params_total"] == results["params_total"] > 0
+  assert model_record["model/bytes_total_f32"] == 4 * results["params_total"]
   for key in ("train/ce_loss", "train/perplexity", "train/tokens_per_second", "train/learning_rate",
               "train/load_cv", "train/load_max_over_mean", "train/dropped_fraction", "train/expert_load"):
     assert key in train_records[-1], key
@@ -156,6 +159,8 @@ def test_hmoe_run_regroups_on_schedule_and_checkpoints_cluster_state(wikitext_di
   assert all(np.isfinite(r["regroup/loss_after"]) for r in regroups)
   train_records = [r for r in records if "train/cluster_load_cv" in r]
   assert train_records and len(train_records[-1]["train/cluster_load"][0]) == 2
+  for key in ("train/cluster_load_cv", "train/cluster_load_max_over_mean", "train/load_cv", "regroup/stability"):
+    assert any(key in r for r in records), key
   assert results["params_expert"] > 0 and np.isfinite(results["valid/word_perplexity"])
   _, state = _restore_final(tmp_path, config)
   assert int(state.cluster_state.num_regroups) == 2 and int(state.cluster_state.last_regroup_step) == 4
