@@ -34,6 +34,8 @@ def median_seconds(fn: Callable[..., Any], *args: Any, repeats: int = 5, warmup:
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
   """Markdown table of `rows` restricted to `columns` (floats with 3 significant decimals)."""
   def cell(value: Any) -> str:
+    if value is None:
+      return "-"
     if isinstance(value, float):
       return f"{value:,.3f}" if abs(value) < 100 else f"{value:,.0f}"
     return str(value)
