@@ -56,9 +56,12 @@ def _summarise_run(rows: list[dict], num_steps: int) -> dict:
   events = metrics.regroup_recovery(rows)
   if events:
     summary["regroups"] = events
-    summary["max jump"] = max(event["jump"] for event in events)
-    recoveries = [event["recovery_steps"] for event in events]
-    summary["max recovery"] = None if None in recoveries else max(recoveries)
+    adopted = [event for event in events if event["adopted"] > 0]  # A kept grouping changes nothing to recover from.
+    summary["regroups adopted"] = f"{len(adopted)}/{len(events)}"
+    if adopted:
+      summary["max jump"] = max(event["jump"] for event in adopted)
+      recoveries = [event["recovery_steps"] for event in adopted]
+      summary["max recovery"] = None if None in recoveries else max(recoveries)
   return summary
 
 
@@ -104,7 +107,7 @@ def main(argv):
                                    if reference["expert params (M)"] else None)
   columns = ["variant", "valid ppl", "test ppl", "total params (M)", "expert params (M)", "active params (M)",
              "params vs MoE", "expert params vs MoE", "step tokens/s", "step speed-up", "layer tokens/s",
-             "layer speed-up", "load CV", "cluster CV", "dropped", "max jump", "max recovery"]
+             "layer speed-up", "load CV", "cluster CV", "dropped", "regroups adopted", "max jump", "max recovery"]
   header = (f"WikiText-2, {_CONFIG.value}; throughput on {jax.devices()[0].platform} "
             f"({jax.device_count()} device), layer forward at {_LAYER_TOKENS.value} tokens, median of {_REPEATS.value}")
   table = header + "\n\n" + format_table(rows, columns)
