@@ -65,6 +65,29 @@ def _summarise_run(rows: list[dict], num_steps: int) -> dict:
   return summary
 
 
+def twin_gaps(rows: list[dict], twin_rows: list[dict], horizon: int = 50) -> list[dict]:
+  """Per adopted regroup of a run: its training-loss excess over a twin run that kept its grouping.
+
+  `<variant>_adopt` differs from `<variant>` only in adopting every regroup, so until the first regroup the two runs
+  are identical and afterwards the gap of their logged window means isolates what regrouping costs. Reported at the
+  first window after the regroup, at `horizon` steps after it, and the largest gap in between.
+  """
+  loss = {row["step"]: row["train/ce_loss"] for row in rows if "train/ce_loss" in row}
+  twin = {row["step"]: row["train/ce_loss"] for row in twin_rows if "train/ce_loss" in row}
+  gaps = []
+  for event in metrics.regroup_recovery(rows):
+    if not event["adopted"]:
+      continue
+    steps = sorted(s for s in loss if s in twin and event["step"] < s <= event["step"] + horizon)
+    if steps:
+      window = [loss[s] - twin[s] for s in steps]
+      gaps.append({"regroup step": event["step"], "jump on next batch": event["jump"],
+                   "stability": event["stability"], "gap first window": window[0],
+                   f"gap at +{steps[-1] - event['step']}": window[-1], "max gap": max(window),
+                   "recovery steps": event["recovery_steps"]})
+  return gaps
+
+
 def _ffn_layer(config):
   model = config.model
   if model.sparse_kind == "moe":
@@ -111,6 +134,14 @@ def main(argv):
   header = (f"WikiText-2, {_CONFIG.value}; throughput on {jax.devices()[0].platform} "
             f"({jax.device_count()} device), layer forward at {_LAYER_TOKENS.value} tokens, median of {_REPEATS.value}")
   table = header + "\n\n" + format_table(rows, columns)
+  for row in rows:
+    twin = row["variant"].removesuffix("_adopt")
+    if twin != row["variant"] and (runs_dir / twin / "metrics.jsonl").exists():
+      gaps = twin_gaps(_read_run(runs_dir / row["variant"]), _read_run(runs_dir / twin))
+      row["twin gaps"] = gaps
+      if gaps:
+        table += (f"\n\nRegroups of {row['variant']} against {twin} (which kept its grouping), train loss in nats:\n\n"
+                  + format_table(gaps, list(gaps[0])))
   print(table)
   (runs_dir / "table.md").write_text(table + "\n")
   (runs_dir / "table.json").write_text(json.dumps(rows, indent=2))
