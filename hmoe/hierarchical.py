@@ -6,7 +6,8 @@ R residual rank, Kc clusters and Ke experts chosen per token, N row blocks, S ro
 Every expert matrix is `W_e = B_c + U_e V_e`. The forward pass reuses the base products (SPEC "Base-product reuse"):
 
 1. Stage-1 dispatch: each (token, chosen cluster) pair gets a slot in its cluster's `[C, D]` buffer (sort/gather, as
-   `hmoe.dispatch.plan_capacity`; capacity is per cluster and drops are counted exactly).
+   `hmoe.dispatch.plan_capacity`; capacity is per cluster and drops are counted exactly). Dropless evaluation sorts
+   the slots into per-cluster row blocks instead (`plan_dropless`), each block multiplied with its cluster's bases.
 2. `x B_c^gate` and `x B_c^up` are computed once per slot, not once per expert.
 3. Stage-2: the slot's Ke chosen experts become rows of a block-sparse grouped matmul (`plan_dropless` over the E
    experts), so only the *selected* experts' factors are applied: `(x U_e) V_e` costs R (D + F) per row, and no
@@ -61,7 +62,7 @@ def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str
 
 
 def hmoe_group_forward(x_TxD: jax.Array, route: HierarchicalRouterOutput, bases: dict[str, jax.Array],
-                       factors: dict[str, tuple[jax.Array, jax.Array]], capacity: int, block_size: int
+                       factors: dict[str, tuple[jax.Array, jax.Array]], capacity: int | None, block_size: int
                        ) -> tuple[jax.Array, jax.Array]:
   """Output [T, D] of one routing group and the kept mask [Kc * T] of its (token, cluster) assignments.
 
@@ -70,8 +71,9 @@ def hmoe_group_forward(x_TxD: jax.Array, route: HierarchicalRouterOutput, bases:
     route: two-stage routing decisions for these tokens.
     bases: {"gate": [G, D, F], "up": [G, D, F], "down": [G, F, D]}.
     factors: {"gate": (U [E, D, R], V [E, R, F]), "up": (...), "down": (U [E, F, R], V [E, R, D])}, cluster-major.
-    capacity: slots per cluster, C.
-    block_size: rows per block of the stage-2 grouped matmul.
+    capacity: slots per cluster, C; None = dropless: slots sorted by cluster into row blocks of `block_size`, each
+      block multiplied with its cluster's bases (a `[G, T, ...]` buffer would do G times the base work).
+    block_size: rows per block of the grouped matmuls.
   """
   num_tokens, width = x_TxD.shape
   num_clusters = bases["gate"].shape[0]
@@ -80,11 +82,27 @@ def hmoe_group_forward(x_TxD: jax.Array, route: HierarchicalRouterOutput, bases:
   top_kc, top_ke = route.member_index.shape[1:]
 
   with jax.named_scope("cluster_dispatch"):
-    plan1 = dispatch.plan_capacity(route.cluster_index, num_clusters, capacity)
-    slots_GxCxD = dispatch.gather_rows(x_TxD, plan1).reshape(num_clusters, capacity, width)
+    if capacity is None:
+      plan1 = dispatch.plan_dropless(route.cluster_index, num_clusters, block_size)
+      slot_cluster = jnp.repeat(plan1.block_expert, block_size)
+    else:
+      plan1 = dispatch.plan_capacity(route.cluster_index, num_clusters, capacity)
+      slot_cluster = jnp.arange(plan1.num_rows, dtype=jnp.int32) // capacity
+    slots_SxD = dispatch.gather_rows(x_TxD, plan1)
+
+  def base_product(rows_SxI, name):
+    """Rows times their own cluster's base: one batched matmul over clusters or over row blocks."""
+    base_GxIxO = bases[name]
+    if capacity is None:
+      rows_NxBxI = rows_SxI.reshape(-1, block_size, rows_SxI.shape[-1])
+      out = jnp.einsum("nbi,nio->nbo", rows_NxBxI, base_GxIxO[plan1.block_expert])
+    else:
+      out = jnp.einsum("gci,gio->gco", rows_SxI.reshape(num_clusters, capacity, -1), base_GxIxO)
+    return out.reshape(plan1.num_rows, -1)
+
   with jax.named_scope("base_products"):
-    base_gate_GxCxF = jnp.einsum("gcd,gdf->gcf", slots_GxCxD, bases["gate"])
-    base_up_GxCxF = jnp.einsum("gcd,gdf->gcf", slots_GxCxD, bases["up"])
+    base_gate_SxF = base_product(slots_SxD, "gate")
+    base_up_SxF = base_product(slots_SxD, "up")
 
   with jax.named_scope("expert_dispatch"):
     # Which (cluster choice, token) assignment fills each slot; empty slots point one past the end.
@@ -95,14 +113,13 @@ def hmoe_group_forward(x_TxD: jax.Array, route: HierarchicalRouterOutput, bases:
                                     jnp.zeros((1, top_ke), jnp.int32)])
     gates_AxKe = jnp.concatenate([jnp.swapaxes(route.gates, 0, 1).reshape(num_assignments, top_ke),
                                   jnp.zeros((1, top_ke), route.gates.dtype)])
-    slot_cluster = jnp.arange(plan1.num_rows, dtype=jnp.int32) // capacity
     # Empty slots still occupy rows (zero gate, member 0): bounded by the capacity slack, and it keeps shapes static.
     slot_experts_SxKe = slot_cluster[:, None] * num_members + members_AxKe[slot_assignment]
     slot_gates_SxKe = gates_AxKe[slot_assignment]
     plan2 = dispatch.plan_dropless(slot_experts_SxKe, num_experts, block_size)
-    rows_x = dispatch.gather_rows(slots_GxCxD.reshape(-1, width), plan2)
-    rows_base_gate = dispatch.gather_rows(base_gate_GxCxF.reshape(plan1.num_rows, -1), plan2)
-    rows_base_up = dispatch.gather_rows(base_up_GxCxF.reshape(plan1.num_rows, -1), plan2)
+    rows_x = dispatch.gather_rows(slots_SxD, plan2)
+    rows_base_gate = dispatch.gather_rows(base_gate_SxF, plan2)
+    rows_base_up = dispatch.gather_rows(base_up_SxF, plan2)
 
   blocks = plan2.block_expert
   num_blocks = blocks.shape[0]
@@ -124,11 +141,10 @@ def hmoe_group_forward(x_TxD: jax.Array, route: HierarchicalRouterOutput, bases:
     hidden_RxF = hidden_NxSxF.reshape(-1, hidden_NxSxF.shape[-1])
     weighted_hidden_SxF = dispatch.combine_rows(hidden_RxF, plan2, slot_gates_SxKe)
     residual_SxD = dispatch.combine_rows(down_residual_NxSxD.reshape(-1, width), plan2, slot_gates_SxKe)
-    slots_out_GxCxD = jnp.einsum("gcf,gfd->gcd", weighted_hidden_SxF.reshape(num_clusters, capacity, -1),
-                                 bases["down"]) + residual_SxD.reshape(num_clusters, capacity, width)
+    slots_out_SxD = base_product(weighted_hidden_SxF, "down") + residual_SxD
     # Gates were applied per expert above, so stage-1 combine only sums a token's kept cluster slots.
-    ones_TxKc = jnp.ones((num_tokens, top_kc), slots_out_GxCxD.dtype)
-    y_TxD = dispatch.combine_rows(slots_out_GxCxD.reshape(-1, width), plan1, ones_TxKc)
+    ones_TxKc = jnp.ones((num_tokens, top_kc), slots_out_SxD.dtype)
+    y_TxD = dispatch.combine_rows(slots_out_SxD, plan1, ones_TxKc)
   return y_TxD, plan1.kept
 
 
@@ -175,8 +191,8 @@ class HMoEFeedForward(nn.Module):
     cast = lambda tree: jax.tree.map(lambda w: w.astype(self.dtype), tree)
     dropless = not train and cfg.eval_dropless
     factor = cfg.capacity_factor if train else cfg.eval_capacity_factor
-    capacity = num_tokens if dropless else dispatch.expert_capacity(
-        num_tokens, cfg.num_clusters, cfg.top_k_clusters, factor)
+    capacity = None if dropless else dispatch.expert_capacity(num_tokens, cfg.num_clusters, cfg.top_k_clusters,
+                                                              factor)
     y_GxTxD, kept = dispatch.map_groups(hmoe_group_forward, (0, 0, None, None, None, None), x_GxTxD.astype(self.dtype),
                                         route, cast(bases), cast(factors), capacity, cfg.block_size)
     return y_GxTxD.reshape(batch, length, width), self._stats(route, kept, x_GxTxD)

@@ -67,27 +67,29 @@ def _oracle(params, x_GxTxD, cfg: HMoEConfig, decisions):
   return jnp.stack(outputs)
 
 
-@pytest.mark.parametrize("top_k_clusters, capacity_factor", [(1, 0.5), (2, 1.25)])
+# capacity_factor None: evaluation mode, dropless (slots in per-cluster row blocks instead of capacity buffers).
+@pytest.mark.parametrize("top_k_clusters, capacity_factor", [(1, 0.5), (2, 1.25), (1, None), (2, None)])
 def test_layer_matches_per_token_loop_with_reconstructed_weights(top_k_clusters, capacity_factor):
+  train = capacity_factor is not None
   cfg = HMoEConfig(num_experts=8, num_clusters=4, rank=3, top_k_clusters=top_k_clusters, top_k_experts=2,
-                   expert_ff=_F, capacity_factor=capacity_factor, block_size=4, num_groups=2)
+                   expert_ff=_F, capacity_factor=capacity_factor or 1.0, block_size=4, num_groups=2)
   layer = HMoEFeedForward(cfg)
   x_BxLxD = jax.random.normal(jax.random.PRNGKey(0), (2, 10, _D))
   params = nn.meta.unbox(layer.init(jax.random.PRNGKey(1), x_BxLxD, train=True))
   params["params"]["router"] = params["params"]["router"] * 100.0  # Decisive routing: no near-ties.
   num_tokens = 10
-  capacity = dispatch.expert_capacity(num_tokens, 4, top_k_clusters, capacity_factor)
+  capacity = dispatch.expert_capacity(num_tokens, 4, top_k_clusters, capacity_factor) if train else num_tokens
 
   decisions = _decisions(params, x_BxLxD.reshape(2, num_tokens, _D), cfg, capacity)
   dropped = sum(int((~kept).sum()) for _, _, kept in decisions)
-  y_fast, stats = layer.apply(params, x_BxLxD, train=True)
+  y_fast, stats = layer.apply(params, x_BxLxD, train=train)
   y_oracle = _oracle(params, x_BxLxD.reshape(2, num_tokens, _D), cfg, decisions)
   chex.assert_trees_all_close(y_fast.reshape(2, num_tokens, _D), y_oracle, atol=1e-5, rtol=1e-5)
   assert int(stats.num_dropped) == dropped
-  if capacity_factor < 1:
+  if train and capacity_factor < 1:
     assert dropped > 0
 
-  fast_loss = lambda params, x: jnp.sum(jnp.sin(layer.apply(params, x, train=True)[0]))
+  fast_loss = lambda params, x: jnp.sum(jnp.sin(layer.apply(params, x, train=train)[0]))
   oracle_loss = lambda params, x: jnp.sum(jnp.sin(_oracle(params, x.reshape(2, num_tokens, _D), cfg, decisions)))
   grads_fast = jax.jit(jax.grad(fast_loss, argnums=(0, 1)))(params, x_BxLxD)
   grads_oracle = jax.jit(jax.grad(oracle_loss, argnums=(0, 1)))(params, x_BxLxD)
