@@ -19,6 +19,7 @@ import json
 import pathlib
 
 from absl import app, flags
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -82,19 +83,30 @@ def twin_gaps(rows: list[dict], twin_rows: list[dict], horizon: int = 50) -> lis
     if steps:
       window = [loss[s] - twin[s] for s in steps]
       gaps.append({"regroup step": event["step"], "jump on next batch": event["jump"],
-                   "stability": event["stability"], "gap first window": window[0],
+                   "experts moved": event["stability"], "gap first window": window[0],
                    f"gap at +{steps[-1] - event['step']}": window[-1], "max gap": max(window),
                    "recovery steps": event["recovery_steps"]})
   return gaps
 
 
+class _RoutedWithSharedExpert(nn.Module):
+  """A routed FFN plus the always-on shared expert, as `hmoe.model.Block` combines them."""
+
+  routed: nn.Module
+  shared_expert_ff: int
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    y, stats = self.routed(x, train=train)
+    return y + DenseFeedForward(self.shared_expert_ff)(x), stats
+
+
 def _ffn_layer(config):
   model = config.model
-  if model.sparse_kind == "moe":
-    return MoEFeedForward(model.moe)
-  if model.sparse_kind == "hmoe":
-    return HMoEFeedForward(model.hmoe)
-  return DenseFeedForward(model.d_ff)
+  if model.sparse_kind is None:
+    return DenseFeedForward(model.d_ff)
+  routed = MoEFeedForward(model.moe) if model.sparse_kind == "moe" else HMoEFeedForward(model.hmoe)
+  return _RoutedWithSharedExpert(routed, model.shared_expert_ff) if model.shared_expert_ff else routed
 
 
 def _parameter_counts(config) -> dict:
@@ -115,7 +127,7 @@ def main(argv):
                 "active params (M)": counts["params_active"] / 1e6,
                 "MB at f32": counts["params_total"] * 4 / 2**20})
     x = jax.random.normal(jax.random.PRNGKey(1), (1, _LAYER_TOKENS.value, config.model.d_model))
-    kwargs = {} if config.model.sparse_kind == "dense" else {"train": True}
+    kwargs = {"train": True} if config.model.sparse_kind else {}
     layer_s = layer_seconds(_ffn_layer(config), x, repeats=_REPEATS.value, **kwargs)
     step_s = train_step_seconds(config, repeats=_REPEATS.value)
     row["layer tokens/s"] = _LAYER_TOKENS.value / layer_s
