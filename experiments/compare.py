@@ -9,9 +9,10 @@ Quality and balance come from each run's metrics.jsonl: final valid/test word-le
 dropped-token fraction averaged over the logging windows of the second half of training (the first half is dominated
 by the routers' start-up); for HMoE also the cluster-load CV and, per regroup, the loss jump on the next batch and the
 steps until the training loss (10-step window means) is back at its last pre-regroup window. Parameter counts come
-from the configs. Speed is measured now: the FFN layer's forward at --layer_tokens tokens and the full train step,
-every variant in this process (warm-up excluded, median of --repeats), as ratios to the standard MoE.
-Writes <runs_dir>/table.md and <runs_dir>/table.json.
+from the configs. Speed is measured now: the FFN layer's forward (routed layer plus shared expert, if any) at
+--layer_tokens tokens and the full train step, every variant in this process (warm-up excluded, median of
+--repeats), as ratios to the standard MoE. An `<variant>_adopt` run is also compared with its `<variant>` twin
+(`twin_gaps`). Writes <runs_dir>/table.md and <runs_dir>/table.json.
 """
 
 import functools
