@@ -13,7 +13,8 @@ from hmoe.train import train_and_evaluate
 
 __all__ = [
     "DataConfig", "ExperimentConfig", "HMoEConfig", "ModelConfig", "MoEConfig", "TrainConfig", "base_config",
-    "from_config_dict", "convert_moe_params", "hmoe_model_config", "HMoEFeedForward", "HMoEStats", "TransformerLM", "cross_entropy", "MoEFeedForward",
+    "from_config_dict", "convert_moe_params", "hmoe_model_config", "HMoEFeedForward", "HMoEStats", "TransformerLM",
+    "cross_entropy", "MoEFeedForward",
     "MoEStats", "ClusterState", "recluster", "HierarchicalRouterOutput", "Router", "RouterOutput",
     "hierarchical_routing", "top_k_routing", "TrainState", "eval_step", "init_train_state", "make_optimizer",
     "train_step", "train_and_evaluate",

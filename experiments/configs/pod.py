@@ -25,7 +25,8 @@ def get_config(variant: str = "moe") -> ml_collections.ConfigDict:
   config = base_config()
   config.model.update(
       vocab_size=32768, d_model=1024, num_layers=24, num_heads=16, d_ff=5632, max_len=1024,
-      ffn_pattern={"moe": "dense,moe", "hmoe": "dense,hmoe", "dense": "dense"}[variant], tie_embeddings=False, dtype="bfloat16",
+      ffn_pattern={"moe": "dense,moe", "hmoe": "dense,hmoe", "dense": "dense"}[variant], tie_embeddings=False,
+      dtype="bfloat16",
       moe=dict(num_experts=64, top_k=2, expert_ff=2816, capacity_factor=1.25, eval_capacity_factor=2.0,
                balance_loss_weight=0.01, z_loss_weight=1e-3, router_jitter=0.01, dispatch="sort", num_groups=256),
       hmoe=dict(num_experts=64, num_clusters=16, rank=64, top_k_clusters=1, top_k_experts=2, expert_ff=2816,
