@@ -89,7 +89,8 @@ def run(moe_workdir: pathlib.Path, workdir: pathlib.Path, *, members: int, rank:
         (shutil.copytree if source.is_dir() else shutil.copy)(source, target)
     finetune_config = dataclasses.replace(hmoe_config, train=dataclasses.replace(
         moe_config.train, num_steps=moe_step + finetune_steps, learning_rate=finetune_lr,
-        warmup_steps=min(10, finetune_steps), min_lr_ratio=1.0, eval_every=moe_step + finetune_steps, checkpoint_every=finetune_steps))
+        warmup_steps=min(10, finetune_steps), min_lr_ratio=1.0, eval_every=moe_step + finetune_steps,
+        checkpoint_every=finetune_steps))
     finetune_config.validate()
     # Data position continues after the MoE run's last batch; the optimizer starts fresh (new parameterisation).
     warm_start = lambda state: state.replace(params=params, cluster_state=cluster_state,
