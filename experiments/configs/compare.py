@@ -19,7 +19,7 @@ variants regroup their experts every 100 steps.
 
 import ml_collections
 
-from hmoe.config import base_config
+from experiments.configs import small
 
 VARIANTS = ("dense", "moe", "hmoe8x4", "hmoe4x8", "moe_shared", "hmoe8x4_adopt")
 
@@ -27,14 +27,10 @@ VARIANTS = ("dense", "moe", "hmoe8x4", "hmoe4x8", "moe_shared", "hmoe8x4_adopt")
 def get_config(variant: str = "hmoe8x4") -> ml_collections.ConfigDict:
   if variant not in VARIANTS:
     raise ValueError(f"compare config variant must be one of {VARIANTS}, got {variant!r}")
-  config = base_config()
   kind = "hmoe" if variant.startswith("hmoe") else variant.split("_")[0]
-  config.model.update(
-      vocab_size=8192, d_model=256, num_layers=4, num_heads=4, d_ff=1024, max_len=128,
-      ffn_pattern=kind, tie_embeddings=True, dtype="float32",
-      moe=dict(num_experts=32, top_k=2, expert_ff=512, capacity_factor=1.25, balance_loss_weight=0.01,
-               z_loss_weight=1e-3),
-  )
+  config = small.get_config("dense" if kind == "dense" else "moe")  # Trunk, data and optimizer of small.py.
+  config.model.ffn_pattern = kind
+  config.model.moe.num_experts = 32
   if kind == "hmoe":
     clusters, members = map(int, variant[len("hmoe"):].split("_")[0].split("x"))
     config.model.hmoe.update(
@@ -44,9 +40,5 @@ def get_config(variant: str = "hmoe8x4") -> ml_collections.ConfigDict:
   if variant == "moe_shared":
     config.model.shared_expert_ff = 512
     config.model.moe.expert_ff = 256
-  config.data.update(dataset="wikitext-2", seq_len=128, batch_size=16, eval_batch_size=32,
-                     eval_splits=("valid", "test"))
-  config.train.update(seed=0, num_steps=500, learning_rate=3e-3, warmup_steps=50, min_lr_ratio=0.1,
-                      weight_decay=0.1, grad_clip_norm=1.0, log_every=10, eval_every=500, checkpoint_every=100,
-                      keep_checkpoints=2)
+  config.train.update(num_steps=500, warmup_steps=50, log_every=10)
   return config
