@@ -21,7 +21,7 @@ class RouterOutput:
 
   Attributes:
     expert_index: int32 [T, K] chosen experts, best first (distinct per token).
-    gates: float32 [T, K] combine weights, renormalised to sum to 1 over the chosen K.
+    gates: float32 [T, K] combine weights, renormalised to sum to 1 over the chosen K (the raw probability if K = 1).
     probs: float32 [T, E] full softmax router probabilities.
     balance_loss: float32 [] Switch load-balancing loss, 1.0 under perfectly uniform routing.
     z_loss: float32 [] router z-loss.
@@ -53,11 +53,17 @@ def router_z_loss(logits_TxE: jax.Array) -> jax.Array:
 
 
 def top_k_routing(logits_TxE: jax.Array, top_k: int) -> RouterOutput:
-  """Softmax over experts, top-k selection and gate renormalisation over the chosen k (float32)."""
+  """Softmax over experts, top-k selection and gate renormalisation over the chosen k (float32).
+
+  With k = 1 the gate is the raw top probability (Switch Transformer): renormalising a single gate would make it
+  exactly 1 and leave the router without any gradient from the model's loss, only from the auxiliary losses.
+  """
   logits_TxE = logits_TxE.astype(jnp.float32)
   probs_TxE = jax.nn.softmax(logits_TxE, axis=-1)
   top_probs_TxK, expert_index_TxK = jax.lax.top_k(probs_TxE, top_k)
-  gates_TxK = top_probs_TxK / jnp.sum(top_probs_TxK, axis=-1, keepdims=True)
+  gates_TxK = top_probs_TxK
+  if top_k > 1:
+    gates_TxK = top_probs_TxK / jnp.sum(top_probs_TxK, axis=-1, keepdims=True)
   return RouterOutput(
       expert_index=expert_index_TxK.astype(jnp.int32),
       gates=gates_TxK,

@@ -52,3 +52,12 @@ def test_router_is_float32_for_bf16_inputs_and_jitter_only_in_training():
   chex.assert_trees_all_equal(route.expert_index, again.expert_index)
   jittered = [router.apply(params, x, train=True, rngs={"jitter": jax.random.PRNGKey(seed)}).probs for seed in (0, 1)]
   assert float(jnp.max(jnp.abs(jittered[0] - jittered[1]))) > 0
+
+
+def test_top1_gate_is_the_raw_probability_so_the_router_learns_from_the_loss():
+  logits = jax.random.normal(jax.random.PRNGKey(1), (16, 4))
+  route = top_k_routing(logits, top_k=1)
+  chex.assert_trees_all_close(route.gates[:, 0], jnp.max(jax.nn.softmax(logits), axis=-1), atol=1e-6)
+  # A loss on the gated output must reach the logits (a renormalised single gate would be constant 1).
+  grad = jax.grad(lambda l: jnp.sum(top_k_routing(l, top_k=1).gates * jnp.arange(16.0)[:, None]))(logits)
+  assert float(jnp.max(jnp.abs(grad))) > 1e-3
