@@ -40,10 +40,6 @@ class MoEConfig:
   z_loss_weight: float = 1e-3  # ST-MoE router z-loss.
   router_jitter: float = 0.0  # Multiplicative uniform noise on router inputs during training (Switch, Sec. 2.2).
   dropless_block_size: int = 128  # Row block of the dropless grouped matmul.
-  # Multiplies the gate-weighted sum of routed experts (DeepSeek-V2/V3's "routed scaling factor"). With top_k here,
-  # k experts with equal gates compute exactly a dense SwiGLU over their concatenated units, as the dense baseline
-  # with the same active parameters does; with 1.0 the routed branch starts ~1/sqrt(k) as large.
-  routed_scale: float = 1.0
 
   def validate(self) -> None:
     _require(self.num_experts >= 1, f"moe.num_experts must be >= 1, got {self.num_experts}")
@@ -62,7 +58,6 @@ class MoEConfig:
     _require(0 <= self.router_jitter < 1, f"moe.router_jitter must be in [0, 1), got {self.router_jitter}")
     _require(self.dropless_block_size >= 1,
              f"moe.dropless_block_size must be >= 1, got {self.dropless_block_size}")
-    _require(self.routed_scale > 0, f"moe.routed_scale must be > 0, got {self.routed_scale}")
 
 
 @dataclasses.dataclass(frozen=True)

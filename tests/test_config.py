@@ -42,6 +42,10 @@ def test_shipped_configs_are_valid():
   assert from_config_dict(tiny.get_config()).model.num_moe_layers == 1
   assert from_config_dict(small.get_config("moe")).model.ffn_kinds == ("moe",) * 4
   assert from_config_dict(small.get_config("dense")).model.num_moe_layers == 0
+  # Both MoE variants have the same active FFN width as the dense baseline.
+  for variant in ("moe", "moe_shared"):
+    model = from_config_dict(small.get_config(variant)).model
+    assert model.shared_expert_ff + model.moe.top_k * model.moe.expert_ff == model.d_ff, variant
   with pytest.raises(ValueError, match="variant"):
     small.get_config("sparse")
 

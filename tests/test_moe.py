@@ -145,17 +145,3 @@ def test_map_groups_matches_vmap_for_one_and_several_groups(num_groups):
   with pytest.raises(ValueError, match="at least one"):
     dispatch.map_groups(dispatch_and_gather, (None, None, None), expert_index, x, 3)
 
-
-def test_routed_scale_k_with_equal_gates_is_a_dense_ffn_over_the_chosen_experts():
-  cfg = MoEConfig(num_experts=4, top_k=2, expert_ff=_F, dropless=True, dropless_block_size=4, routed_scale=2.0)
-  layer = MoEFeedForward(cfg)
-  x_BxLxD = jax.random.normal(jax.random.PRNGKey(0), (1, 8, _D))
-  params = nn.meta.unbox(layer.init(jax.random.PRNGKey(1), x_BxLxD, train=True))
-  # A zero router ties every expert; top-k then picks experts 0 and 1 with gates 1/2 each.
-  params["params"]["router"]["kernel"] = jnp.zeros_like(params["params"]["router"]["kernel"])
-  p = params["params"]
-  concat = [jnp.concatenate([p[n][0], p[n][1]], axis=-1) for n in ("w_gate", "w_up")]
-  w_down = jnp.concatenate([p["w_down"][0], p["w_down"][1]], axis=0)
-  expected = jax.vmap(lambda x: _swiglu_one(x, *concat, w_down))(x_BxLxD[0])
-  y, _ = layer.apply(params, x_BxLxD, train=True)
-  chex.assert_trees_all_close(y[0], expected, atol=1e-5, rtol=1e-5)

@@ -14,16 +14,24 @@ import ml_collections
 from hmoe.config import base_config
 
 
+VARIANTS = ("moe", "dense", "moe_shared")
+
+
 def get_config(variant: str = "moe") -> ml_collections.ConfigDict:
-  if variant not in ("moe", "dense"):
-    raise ValueError(f"small config variant must be 'moe' or 'dense', got {variant!r}")
+  if variant not in VARIANTS:
+    raise ValueError(f"small config variant must be one of {VARIANTS}, got {variant!r}")
   config = base_config()
   config.model.update(
       vocab_size=8192, d_model=256, num_layers=4, num_heads=4, d_ff=1024, max_len=128,
-      ffn_pattern=variant, tie_embeddings=True, dtype="float32",
+      ffn_pattern="dense" if variant == "dense" else "moe", tie_embeddings=True, dtype="float32",
       moe=dict(num_experts=8, top_k=2, expert_ff=512, capacity_factor=1.25, eval_capacity_factor=2.0, dropless=False,
                balance_loss_weight=0.01, z_loss_weight=1e-3, router_jitter=0.0, dispatch="sort"),
   )
+  if variant == "moe_shared":
+    # DeepSeekMoE-style: an always-on SwiGLU of width 512 plus top-2 of 16 routed experts of width 256, dropless.
+    # Active FFN width 512 + 2 x 256 = 1024, as in the other two variants.
+    config.model.shared_expert_ff = 512
+    config.model.moe.update(num_experts=16, expert_ff=256, dropless=True)
   config.data.update(dataset="wikitext-2", seq_len=128, batch_size=16, eval_batch_size=32,
                      eval_splits=("valid", "test"))
   config.train.update(seed=0, num_steps=1000, learning_rate=3e-3, warmup_steps=100, min_lr_ratio=0.1,
