@@ -1,11 +1,13 @@
-"""Small WikiText-2 config for 2 CPU cores: dense vs standard MoE with the same active parameters.
+"""Small WikiText-2 config for 2 CPU cores: dense vs MoE LMs with the same active parameters.
 
   python -m experiments.train --config=experiments/configs/small.py:moe --workdir=runs/small_moe
   python -m experiments.train --config=experiments/configs/small.py:dense --workdir=runs/small_dense
+  python -m experiments.train --config=experiments/configs/small.py:moe_shared --workdir=runs/small_moe_shared
 
-Both variants share the trunk (4 layers, D=256, 4 heads, rotary, tied embeddings, BPE vocab 8192), the data order,
+All variants share the trunk (4 layers, D=256, 4 heads, rotary, tied embeddings, BPE vocab 8192), the data order,
 the seed and the number of training tokens. `moe` puts an 8-expert top-2 MoE (expert width 512) in every layer;
-`dense` uses a SwiGLU FFN of width 1024 = 2 x 512, the same active parameters and FLOPs per token.
+`dense` uses a SwiGLU FFN of width 1024 = 2 x 512, the same active parameters and FLOPs per token; `moe_shared`
+(DeepSeekMoE-style) an always-on shared SwiGLU of width 512 plus top-2 of 16 routed experts of width 256.
 Measured results (time on 2 CPU cores, validation/test word-level perplexity) are in README.md.
 """
 
