@@ -9,6 +9,8 @@ flips assignments and destabilises training (Switch Transformer, Sec. 2.4 "selec
 
 from __future__ import annotations
 
+import math
+
 import flax
 import flax.linen as nn
 import jax
@@ -52,18 +54,24 @@ def router_z_loss(logits_TxE: jax.Array) -> jax.Array:
   return jnp.mean(jnp.square(jax.nn.logsumexp(logits_TxE, axis=-1)))
 
 
-def top_k_routing(logits_TxE: jax.Array, top_k: int) -> RouterOutput:
-  """Softmax over experts, top-k selection and gate renormalisation over the chosen k (float32).
+def renormalise_gates(gates: jax.Array, axis: int | tuple[int, ...]) -> jax.Array:
+  """Gates divided by their sum over a token's choices (`axis`); a single choice keeps its raw probability.
 
-  With k = 1 the gate is the raw top probability (Switch Transformer): renormalising a single gate would make it
-  exactly 1 and leave the router without any gradient from the model's loss, only from the auxiliary losses.
+  Renormalising one gate would make it exactly 1 and leave the router without any gradient from the model's loss,
+  only from the auxiliary losses, so top-1 routing gates by the probability itself (Switch Transformer).
   """
+  axes = (axis,) if isinstance(axis, int) else axis
+  if math.prod(gates.shape[a] for a in axes) == 1:
+    return gates
+  return gates / jnp.sum(gates, axis=axes, keepdims=True)
+
+
+def top_k_routing(logits_TxE: jax.Array, top_k: int) -> RouterOutput:
+  """Softmax over experts, top-k selection and gate renormalisation over the chosen k (float32)."""
   logits_TxE = logits_TxE.astype(jnp.float32)
   probs_TxE = jax.nn.softmax(logits_TxE, axis=-1)
   top_probs_TxK, expert_index_TxK = jax.lax.top_k(probs_TxE, top_k)
-  gates_TxK = top_probs_TxK
-  if top_k > 1:
-    gates_TxK = top_probs_TxK / jnp.sum(top_probs_TxK, axis=-1, keepdims=True)
+  gates_TxK = renormalise_gates(top_probs_TxK, axis=-1)
   return RouterOutput(
       expert_index=expert_index_TxK.astype(jnp.int32),
       gates=gates_TxK,
@@ -105,7 +113,8 @@ class HierarchicalRouterOutput:
   Attributes:
     cluster_index: int32 [T, Kc] chosen clusters, best first.
     member_index: int32 [T, Kc, Ke] chosen experts inside each chosen cluster (0..M-1).
-    gates: float32 [T, Kc, Ke] `p(cluster) * p(expert | cluster)`, renormalised over all Kc * Ke choices.
+    gates: float32 [T, Kc, Ke] `p(cluster) * p(expert | cluster)`, renormalised over all Kc * Ke choices
+      (the raw joint probability if Kc * Ke = 1).
     cluster_probs: float32 [T, G] stage-1 probabilities.
     expert_probs: float32 [T, G, M] joint probabilities `p(cluster) * p(expert | cluster)` (sum to 1 per token).
     cluster_balance_loss: float32 [] Switch loss over clusters (1 under uniform routing).
@@ -155,7 +164,7 @@ def hierarchical_routing(expert_logits_TxGxM: jax.Array, top_k_clusters: int, to
   member_probs = jnp.take_along_axis(chosen_conditional_TxKcxM, member_index_TxKcxKe, axis=-1)
   cluster_probs_chosen = jnp.take_along_axis(cluster_probs_TxG, cluster_index_TxKc, axis=-1)
   gates = cluster_probs_chosen[..., None] * member_probs
-  gates = gates / jnp.sum(gates, axis=(1, 2), keepdims=True)
+  gates = renormalise_gates(gates, axis=(1, 2))
 
   joint_TxGxM = cluster_probs_TxG[..., None] * conditional_TxGxM
   output = HierarchicalRouterOutput(

@@ -141,6 +141,7 @@ def test_selection_bias_changes_choices_not_gate_values():
   bias = jnp.zeros((2, 4)).at[1, 3].set(10.0)
   route = hierarchical_routing(logits, 1, 1, selection_bias_GxM=bias)
   assert bool(jnp.all(route.cluster_index[:, 0] == 1)) and bool(jnp.all(route.member_index[:, 0, 0] == 3))
-  chex.assert_trees_all_close(route.gates, jnp.ones((64, 1, 1)), atol=1e-6)  # Renormalised single choice.
   unbiased = hierarchical_routing(logits, 1, 1)
+  # A single choice is gated by its unbiased joint probability: the bias moved the choice, not the gate's value.
+  chex.assert_trees_all_close(route.gates[:, 0, 0], unbiased.expert_probs[:, 1, 3], atol=1e-6)
   chex.assert_trees_all_close(route.expert_probs, unbiased.expert_probs)

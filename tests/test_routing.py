@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hmoe.routing import Router, load_balancing_loss, router_z_loss, top_k_routing
+from hmoe.routing import Router, hierarchical_routing, load_balancing_loss, router_z_loss, top_k_routing
 
 
 def test_gates_sum_to_one_and_experts_are_distinct():
@@ -60,4 +60,13 @@ def test_top1_gate_is_the_raw_probability_so_the_router_learns_from_the_loss():
   chex.assert_trees_all_close(route.gates[:, 0], jnp.max(jax.nn.softmax(logits), axis=-1), atol=1e-6)
   # A loss on the gated output must reach the logits (a renormalised single gate would be constant 1).
   grad = jax.grad(lambda l: jnp.sum(top_k_routing(l, top_k=1).gates * jnp.arange(16.0)[:, None]))(logits)
+  assert float(jnp.max(jnp.abs(grad))) > 1e-3
+
+
+def test_single_hierarchical_choice_gate_is_the_joint_probability():
+  logits_TxGxM = jax.random.normal(jax.random.PRNGKey(2), (16, 4, 3))
+  route = hierarchical_routing(logits_TxGxM, top_k_clusters=1, top_k_experts=1)
+  chosen = jnp.take_along_axis(route.expert_probs.reshape(16, -1), route.expert_index, axis=-1)
+  chex.assert_trees_all_close(route.gates.reshape(16, 1), chosen, atol=1e-6)
+  grad = jax.grad(lambda l: jnp.sum(hierarchical_routing(l, 1, 1).gates.reshape(16) * jnp.arange(16.0)))(logits_TxGxM)
   assert float(jnp.max(jnp.abs(grad))) > 1e-3
