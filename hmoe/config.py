@@ -216,6 +216,10 @@ class TrainConfig:
   b1: float = 0.9
   b2: float = 0.95
   grad_clip_norm: float = 1.0
+  # If > 0, the learning rate of every SwiGLU output projection (`w_down`: dense FFN, shared expert, routed experts) is
+  # multiplied by fan_in_lr_base / fan_in, the muP rule for Adam on hidden matrices. With fan_in_lr_base = the dense
+  # d_ff the base LR was tuned at, narrow experts move their output as fast per step as the dense FFN does. 0: off.
+  fan_in_lr_base: int = 0
   log_every: int = 50
   eval_every: int = 500
   checkpoint_every: int = 500
@@ -232,6 +236,7 @@ class TrainConfig:
     _require(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
     _require(0 <= self.b1 < 1 and 0 <= self.b2 < 1, f"train.b1={self.b1}, train.b2={self.b2} must be in [0, 1)")
     _require(self.grad_clip_norm > 0, f"train.grad_clip_norm must be > 0, got {self.grad_clip_norm}")
+    _require(self.fan_in_lr_base >= 0, f"train.fan_in_lr_base must be >= 0 (0 = off), got {self.fan_in_lr_base}")
     for name in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
       value = getattr(self, name)
       _require(value >= 1, f"train.{name} must be >= 1, got {value}")
