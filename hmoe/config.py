@@ -39,6 +39,9 @@ class MoEConfig:
   balance_loss_weight: float = 0.01  # Switch Transformer load-balancing loss.
   z_loss_weight: float = 1e-3  # ST-MoE router z-loss.
   router_jitter: float = 0.0  # Multiplicative uniform noise on router inputs during training (Switch, Sec. 2.2).
+  # If True the balance and z losses train only the router kernel: their gradient stops at the router input instead of
+  # also reshaping the token representations of the trunk. Forward values are unchanged.
+  detach_aux_input: bool = False
   dropless_block_size: int = 128  # Row block of the dropless grouped matmul.
 
   def validate(self) -> None:

@@ -71,7 +71,8 @@ class MoEFeedForward(nn.Module):
     num_experts, top_k = cfg.num_experts, cfg.top_k
     x_GxTxD = nn.with_logical_constraint(x_BxLxD.reshape(num_groups, num_tokens, width), ("batch", None, "embed"))
 
-    route = Router(num_experts, top_k, jitter=cfg.router_jitter, name="router")(x_GxTxD, train=train)
+    route = Router(num_experts, top_k, jitter=cfg.router_jitter, detach_aux_input=cfg.detach_aux_input,
+                   name="router")(x_GxTxD, train=train)
 
     w_gate_ExDxF = _expert_param(self, "w_gate", (num_experts, width, cfg.expert_ff), ("expert", "embed", "mlp"))
     w_up_ExDxF = _expert_param(self, "w_up", (num_experts, width, cfg.expert_ff), ("expert", "embed", "mlp"))

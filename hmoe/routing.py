@@ -82,11 +82,16 @@ def top_k_routing(logits_TxE: jax.Array, top_k: int) -> RouterOutput:
 
 
 class Router(nn.Module):
-  """Linear float32 router over `num_experts`, with optional multiplicative input jitter during training."""
+  """Linear float32 router over `num_experts`, with optional multiplicative input jitter during training.
+
+  `detach_aux_input`: the auxiliary losses are computed from logits of `stop_gradient(x)`, so they move the router
+  kernel but not the representations feeding it (the gates still pass the language-model gradient into `x`).
+  """
 
   num_experts: int
   top_k: int
   jitter: float = 0.0
+  detach_aux_input: bool = False
 
   @nn.compact
   def __call__(self, x_GxTxD: jax.Array, *, train: bool) -> RouterOutput:
@@ -103,7 +108,14 @@ class Router(nn.Module):
         jnp.float32,
     )
     logits_GxTxE = jnp.einsum("gtd,de->gte", x_GxTxD, kernel_DxE)
-    return jax.vmap(top_k_routing, in_axes=(0, None))(logits_GxTxE, self.top_k)
+    route = jax.vmap(top_k_routing, in_axes=(0, None))(logits_GxTxE, self.top_k)
+    if not self.detach_aux_input:
+      return route
+    aux_logits_GxTxE = jnp.einsum("gtd,de->gte", jax.lax.stop_gradient(x_GxTxD), kernel_DxE)
+    aux_probs_GxTxE = jax.nn.softmax(aux_logits_GxTxE, axis=-1)
+    return route.replace(
+        balance_loss=jax.vmap(load_balancing_loss)(aux_probs_GxTxE, route.expert_index),
+        z_loss=jax.vmap(router_z_loss)(aux_logits_GxTxE))
 
 
 @flax.struct.dataclass

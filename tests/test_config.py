@@ -47,6 +47,10 @@ def test_shipped_configs_are_valid():
   for variant in ("moe", "moe_shared"):
     model = from_config_dict(small.get_config(variant)).model
     assert model.shared_expert_ff + model.moe.top_k * model.moe.expert_ff == model.d_ff, variant
+  # Fan-in lr scaling is anchored at the dense width, so it leaves the dense baseline's optimizer unchanged.
+  for variant in small.VARIANTS:
+    config = from_config_dict(small.get_config(variant))
+    assert config.train.fan_in_lr_base == config.model.d_ff, variant
   with pytest.raises(ValueError, match="variant"):
     small.get_config("sparse")
 

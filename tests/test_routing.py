@@ -70,3 +70,22 @@ def test_single_hierarchical_choice_gate_is_the_joint_probability():
   chex.assert_trees_all_close(route.gates.reshape(16, 1), chosen, atol=1e-6)
   grad = jax.grad(lambda l: jnp.sum(hierarchical_routing(l, 1, 1).gates.reshape(16) * jnp.arange(16.0)))(logits_TxGxM)
   assert float(jnp.max(jnp.abs(grad))) > 1e-3
+
+
+def test_detached_aux_losses_train_the_router_but_not_its_input():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 8))
+
+  def aux_and_gate_grads(detach):
+    router = Router(num_experts=4, top_k=2, detach_aux_input=detach)
+    params = router.init(jax.random.PRNGKey(1), x, train=False)
+    aux = lambda p, x: (lambda r: jnp.sum(r.balance_loss) + jnp.sum(r.z_loss))(router.apply(p, x, train=False))
+    gate = lambda p, x: jnp.sum(router.apply(p, x, train=False).gates[..., 0] * jnp.sum(x, -1))
+    return aux(params, x), jax.grad(aux, argnums=(0, 1))(params, x), jax.grad(gate, argnums=1)(params, x)
+
+  loss, (kernel_grad, input_grad), gate_grad = aux_and_gate_grads(detach=False)
+  loss_d, (kernel_grad_d, input_grad_d), gate_grad_d = aux_and_gate_grads(detach=True)
+  chex.assert_trees_all_close(loss_d, loss, rtol=1e-6)  # Same forward values.
+  chex.assert_trees_all_close(kernel_grad_d, kernel_grad, rtol=1e-5, atol=1e-7)  # Same router update.
+  assert float(jnp.max(jnp.abs(input_grad))) > 1e-3
+  chex.assert_trees_all_close(input_grad_d, jnp.zeros_like(x))  # No aux gradient into the trunk...
+  chex.assert_trees_all_close(gate_grad_d, gate_grad, rtol=1e-6)  # ...but the gates' gradient still flows.

@@ -8,6 +8,9 @@ All variants share the trunk (4 layers, D=256, 4 heads, rotary, tied embeddings,
 the seed and the number of training tokens. `moe` puts an 8-expert top-2 MoE (expert width 512) in every layer;
 `dense` uses a SwiGLU FFN of width 1024 = 2 x 512, the same active parameters and FLOPs per token; `moe_shared`
 (DeepSeekMoE-style) an always-on shared SwiGLU of width 512 plus top-2 of 16 routed experts of width 256.
+All variants scale the learning rate of FFN output projections by 1024 / fan_in (`train.fan_in_lr_base`, muP for
+Adam): a no-op for the dense FFN (width 1024, the width the learning rate was tuned at), x2 for width-512 and x4 for
+width-256 experts, so a narrow expert moves its output as fast per step as the dense FFN does.
 Measured results (time on 2 CPU cores, validation/test word-level perplexity) are in README.md.
 """
 
@@ -37,6 +40,6 @@ def get_config(variant: str = "moe") -> ml_collections.ConfigDict:
   config.data.update(dataset="wikitext-2", seq_len=128, batch_size=16, eval_batch_size=32,
                      eval_splits=("valid", "test"))
   config.train.update(seed=0, num_steps=1000, learning_rate=3e-3, warmup_steps=100, min_lr_ratio=0.1,
-                      weight_decay=0.1, grad_clip_norm=1.0, log_every=50, eval_every=500, checkpoint_every=100,
+                      weight_decay=0.1, grad_clip_norm=1.0, fan_in_lr_base=1024, log_every=50, eval_every=500, checkpoint_every=100,
                       keep_checkpoints=2)
   return config
