@@ -40,6 +40,6 @@ def get_config(variant: str = "moe") -> ml_collections.ConfigDict:
   config.data.update(dataset="wikitext-2", seq_len=128, batch_size=16, eval_batch_size=32,
                      eval_splits=("valid", "test"))
   config.train.update(seed=0, num_steps=1000, learning_rate=3e-3, warmup_steps=100, min_lr_ratio=0.1,
-                      weight_decay=0.1, grad_clip_norm=1.0, fan_in_lr_base=1024, log_every=50, eval_every=500, checkpoint_every=100,
-                      keep_checkpoints=2)
+                      weight_decay=0.1, grad_clip_norm=1.0, fan_in_lr_base=1024, log_every=50, eval_every=500,
+                      checkpoint_every=100, keep_checkpoints=2)
   return config
