@@ -42,6 +42,10 @@ class MoEConfig:
   # If True the balance and z losses train only the router kernel: their gradient stops at the router input instead of
   # also reshaping the token representations of the trunk. Forward values are unchanged.
   detach_aux_input: bool = False
+  # Auxiliary-loss-free balancing (DeepSeek-V3 Sec. 2.1.2): a per-expert bias added to the router probabilities for
+  # expert *selection* only (gates keep the unbiased probabilities); after each step it moves by this rate against
+  # the sign of the expert's load error. 0 = off. The biases live in `TrainState.moe_selection_bias`.
+  bias_update_rate: float = 0.0
   dropless_block_size: int = 128  # Row block of the dropless grouped matmul.
 
   def validate(self) -> None:
@@ -59,6 +63,7 @@ class MoEConfig:
     _require(self.balance_loss_weight >= 0, f"moe.balance_loss_weight must be >= 0, got {self.balance_loss_weight}")
     _require(self.z_loss_weight >= 0, f"moe.z_loss_weight must be >= 0, got {self.z_loss_weight}")
     _require(0 <= self.router_jitter < 1, f"moe.router_jitter must be in [0, 1), got {self.router_jitter}")
+    _require(self.bias_update_rate >= 0, f"moe.bias_update_rate must be >= 0, got {self.bias_update_rate}")
     _require(self.dropless_block_size >= 1,
              f"moe.dropless_block_size must be >= 1, got {self.dropless_block_size}")
 

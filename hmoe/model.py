@@ -22,8 +22,9 @@ class Block(nn.Module):
   ffn_kind: str
 
   @nn.compact
-  def __call__(self, x_BxLxD: jax.Array, *, train: bool, selection_bias_GxM: jax.Array | None = None
+  def __call__(self, x_BxLxD: jax.Array, *, train: bool, selection_bias: jax.Array | None = None
                ) -> tuple[jax.Array, MoEStats | HMoEStats | None]:
+    """`selection_bias`: this layer's balancing biases, [E] for a standard MoE, [G, M] for an HMoE layer."""
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     attended = CausalSelfAttention(cfg.num_heads, cfg.rope_base, dtype, name="attention")(
@@ -32,10 +33,10 @@ class Block(nn.Module):
     normed = RMSNorm(dtype=dtype, name="ffn_norm")(x_BxLxD)
     stats = None
     if self.ffn_kind == "moe":
-      ffn_out, stats = MoEFeedForward(cfg.moe, dtype, name="moe")(normed, train=train)
+      ffn_out, stats = MoEFeedForward(cfg.moe, dtype, name="moe")(normed, train=train, selection_bias_E=selection_bias)
     elif self.ffn_kind == "hmoe":
       ffn_out, stats = HMoEFeedForward(cfg.hmoe, dtype, name="hmoe")(normed, train=train,
-                                                                      selection_bias_GxM=selection_bias_GxM)
+                                                                      selection_bias_GxM=selection_bias)
     else:
       ffn_out = DenseFeedForward(cfg.d_ff, dtype, name="ffn")(normed)
     if self.ffn_kind != "dense" and cfg.shared_expert_ff:
@@ -50,7 +51,8 @@ class TransformerLM(nn.Module):
   @nn.compact
   def __call__(self, tokens_BxL: jax.Array, *, train: bool = False, selection_bias: jax.Array | None = None
                ) -> tuple[jax.Array, MoEStats | HMoEStats | None]:
-    """`selection_bias` float32 [num_hmoe_layers, G, M]: auxiliary-loss-free balancing biases (selection only)."""
+    """`selection_bias`: auxiliary-loss-free balancing biases (selection only), float32 with a leading axis over the
+    routed layers: [num_moe_layers, E] for standard MoE layers, [num_hmoe_layers, G, M] for hierarchical ones."""
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     embedding_VxD = self.param(
@@ -63,9 +65,9 @@ class TransformerLM(nn.Module):
     layer_stats = []
     for layer, kind in enumerate(cfg.ffn_kinds):
       bias = None
-      if kind == "hmoe" and selection_bias is not None:
+      if kind != "dense" and selection_bias is not None:
         bias = selection_bias[len(layer_stats)]
-      x_BxLxD, stats = Block(cfg, kind, name=f"block_{layer}")(x_BxLxD, train=train, selection_bias_GxM=bias)
+      x_BxLxD, stats = Block(cfg, kind, name=f"block_{layer}")(x_BxLxD, train=train, selection_bias=bias)
       if stats is not None:
         layer_stats.append(stats)
     x_BxLxD = RMSNorm(dtype=dtype, name="final_norm")(x_BxLxD)

@@ -63,7 +63,9 @@ class MoEFeedForward(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxLxD: jax.Array, *, train: bool) -> tuple[jax.Array, MoEStats]:
+  def __call__(self, x_BxLxD: jax.Array, *, train: bool, selection_bias_E: jax.Array | None = None
+               ) -> tuple[jax.Array, MoEStats]:
+    """`selection_bias_E`: float32 [E] auxiliary-loss-free balancing biases (change which experts are chosen only)."""
     cfg = self.config
     batch, length, width = x_BxLxD.shape
     num_groups = cfg.num_groups
@@ -72,7 +74,7 @@ class MoEFeedForward(nn.Module):
     x_GxTxD = nn.with_logical_constraint(x_BxLxD.reshape(num_groups, num_tokens, width), ("batch", None, "embed"))
 
     route = Router(num_experts, top_k, jitter=cfg.router_jitter, detach_aux_input=cfg.detach_aux_input,
-                   name="router")(x_GxTxD, train=train)
+                   name="router")(x_GxTxD, train=train, selection_bias_E=selection_bias_E)
 
     w_gate_ExDxF = _expert_param(self, "w_gate", (num_experts, width, cfg.expert_ff), ("expert", "embed", "mlp"))
     w_up_ExDxF = _expert_param(self, "w_up", (num_experts, width, cfg.expert_ff), ("expert", "embed", "mlp"))

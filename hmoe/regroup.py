@@ -26,6 +26,7 @@ import optax
 
 from hmoe import clustering
 from hmoe.config import ModelConfig
+from hmoe.routing import update_balancing_bias
 
 _MATRICES = ("gate", "up", "down")
 _SKETCH_SEED = 1234  # The sketch must be the same projection at every regroup, so it has its own fixed key.
@@ -101,8 +102,7 @@ def update_statistics(state: ClusterState, token_count_LxE: jax.Array, token_sum
 
 def update_selection_bias(state: ClusterState, token_count_LxE: jax.Array, rate: float) -> ClusterState:
   """`b_e += rate * sign(mean load - load_e)` per layer (DeepSeek-V3 Sec. 2.1.2): overloaded experts get picked less."""
-  error_LxE = jnp.mean(token_count_LxE, axis=-1, keepdims=True) - token_count_LxE
-  return state.replace(selection_bias=state.selection_bias + rate * jnp.sign(error_LxE))
+  return state.replace(selection_bias=update_balancing_bias(state.selection_bias, token_count_LxE, rate))
 
 
 def reconstruct_experts(layer_params: dict[str, jax.Array]) -> dict[str, jax.Array]:

@@ -54,6 +54,16 @@ def router_z_loss(logits_TxE: jax.Array) -> jax.Array:
   return jnp.mean(jnp.square(jax.nn.logsumexp(logits_TxE, axis=-1)))
 
 
+def update_balancing_bias(bias_xE: jax.Array, load_xE: jax.Array, rate: float) -> jax.Array:
+  """`b_e += rate * sign(mean load - load_e)` over the last axis (DeepSeek-V3 Sec. 2.1.2).
+
+  Overloaded experts become less likely to be selected, underloaded ones more. `load_xE` may be token counts or load
+  fractions: only the sign of each expert's error is used.
+  """
+  error_xE = jnp.mean(load_xE, axis=-1, keepdims=True) - load_xE
+  return bias_xE + rate * jnp.sign(error_xE).astype(bias_xE.dtype)
+
+
 def renormalise_gates(gates: jax.Array, axis: int | tuple[int, ...]) -> jax.Array:
   """Gates divided by their sum over a token's choices (`axis`); a single choice keeps its raw probability.
 
@@ -66,11 +76,17 @@ def renormalise_gates(gates: jax.Array, axis: int | tuple[int, ...]) -> jax.Arra
   return gates / jnp.sum(gates, axis=axes, keepdims=True)
 
 
-def top_k_routing(logits_TxE: jax.Array, top_k: int) -> RouterOutput:
-  """Softmax over experts, top-k selection and gate renormalisation over the chosen k (float32)."""
+def top_k_routing(logits_TxE: jax.Array, top_k: int, selection_bias_E: jax.Array | None = None) -> RouterOutput:
+  """Softmax over experts, top-k selection and gate renormalisation over the chosen k (float32).
+
+  `selection_bias_E` (auxiliary-loss-free balancing, DeepSeek-V3 Sec. 2.1.2) is added to the probabilities only to
+  pick the experts; the gates are the unbiased probabilities of the picked experts.
+  """
   logits_TxE = logits_TxE.astype(jnp.float32)
   probs_TxE = jax.nn.softmax(logits_TxE, axis=-1)
-  top_probs_TxK, expert_index_TxK = jax.lax.top_k(probs_TxE, top_k)
+  scores_TxE = probs_TxE if selection_bias_E is None else probs_TxE + selection_bias_E.astype(jnp.float32)[None, :]
+  _, expert_index_TxK = jax.lax.top_k(scores_TxE, top_k)
+  top_probs_TxK = jnp.take_along_axis(probs_TxE, expert_index_TxK, axis=-1)
   gates_TxK = renormalise_gates(top_probs_TxK, axis=-1)
   return RouterOutput(
       expert_index=expert_index_TxK.astype(jnp.int32),
@@ -94,7 +110,7 @@ class Router(nn.Module):
   detach_aux_input: bool = False
 
   @nn.compact
-  def __call__(self, x_GxTxD: jax.Array, *, train: bool) -> RouterOutput:
+  def __call__(self, x_GxTxD: jax.Array, *, train: bool, selection_bias_E: jax.Array | None = None) -> RouterOutput:
     x_GxTxD = x_GxTxD.astype(jnp.float32)
     if train and self.jitter > 0:
       # Switch Transformer jitter: multiply inputs by U(1 - eps, 1 + eps) to explore routing early in training.
@@ -108,7 +124,7 @@ class Router(nn.Module):
         jnp.float32,
     )
     logits_GxTxE = jnp.einsum("gtd,de->gte", x_GxTxD, kernel_DxE)
-    route = jax.vmap(top_k_routing, in_axes=(0, None))(logits_GxTxE, self.top_k)
+    route = jax.vmap(top_k_routing, in_axes=(0, None, None))(logits_GxTxE, self.top_k, selection_bias_E)
     if not self.detach_aux_input:
       return route
     aux_logits_GxTxE = jnp.einsum("gtd,de->gte", jax.lax.stop_gradient(x_GxTxD), kernel_DxE)

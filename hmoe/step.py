@@ -23,6 +23,7 @@ from hmoe import regroup
 from hmoe.config import ExperimentConfig, TrainConfig
 from hmoe.model import TransformerLM, cross_entropy
 from hmoe.regroup import ClusterState
+from hmoe.routing import update_balancing_bias
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -36,6 +37,9 @@ class TrainState:
   rng: jax.Array  # uint32 [2] base key; per-step keys are fold_in(rng, step).
   nan_step: jax.Array  # int32 [] first step whose loss was not finite, -1 if none.
   cluster_state: ClusterState | None = None  # HMoE clustering statistics; None without HMoE layers.
+  # float32 [num_moe_layers, E] auxiliary-loss-free balancing biases of standard MoE layers; None when
+  # `moe.bias_update_rate` is 0 or the model has no standard MoE layer.
+  moe_selection_bias: jax.Array | None = None
 
 
 def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
@@ -97,7 +101,15 @@ def init_boxed_train_state(model: TransformerLM, optimizer: optax.GradientTransf
   tokens = jnp.zeros((config.data.batch_size, config.data.seq_len), jnp.int32)
   params = model.init({"params": init_rng, "jitter": init_rng}, tokens, train=False)["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), rng=state_rng,
-                    nan_step=jnp.full((), -1, jnp.int32), cluster_state=regroup.init_cluster_state(config.model))
+                    nan_step=jnp.full((), -1, jnp.int32), cluster_state=regroup.init_cluster_state(config.model),
+                    moe_selection_bias=_init_moe_selection_bias(config))
+
+
+def _init_moe_selection_bias(config: ExperimentConfig) -> jax.Array | None:
+  num_moe_layers = config.model.ffn_kinds.count("moe")
+  if not num_moe_layers or config.model.moe.bias_update_rate <= 0:
+    return None
+  return jnp.zeros((num_moe_layers, config.model.moe.num_experts), jnp.float32)
 
 
 def init_train_state(model: TransformerLM, optimizer: optax.GradientTransformation, config: ExperimentConfig
@@ -164,6 +176,9 @@ def train_step(state: TrainState, batch: Batch, *, model: TransformerLM, optimiz
       updated = regroup.update_selection_bias(updated, moe_stats.expert_token_count,
                                               config.model.hmoe.bias_update_rate)
     new_state = new_state.replace(cluster_state=keep_new(updated, state.cluster_state))
+  if state.moe_selection_bias is not None:
+    updated = update_balancing_bias(state.moe_selection_bias, moe_stats.expert_load, config.model.moe.bias_update_rate)
+    new_state = new_state.replace(moe_selection_bias=keep_new(updated, state.moe_selection_bias))
   metrics.update(loss=loss, grad_norm=grad_norm, learning_rate=learning_rate_schedule(config.train)(state.step))
   return new_state, metrics
 
@@ -177,7 +192,9 @@ def recluster_step(state: TrainState, *, optimizer: optax.GradientTransformation
 
 
 def selection_bias(state: TrainState, config: ExperimentConfig) -> jax.Array | None:
-  """Auxiliary-loss-free selection biases [num_hmoe_layers, G, M], or None when they are off."""
+  """Auxiliary-loss-free selection biases, [num_moe_layers, E] or [num_hmoe_layers, G, M]; None when they are off."""
+  if state.moe_selection_bias is not None:
+    return state.moe_selection_bias
   if state.cluster_state is None or config.model.hmoe.bias_update_rate <= 0:
     return None
   return state.cluster_state.selection_bias_LxGxM(config.model.hmoe.num_clusters)

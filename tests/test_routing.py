@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hmoe.routing import Router, hierarchical_routing, load_balancing_loss, router_z_loss, top_k_routing
+from hmoe.routing import (Router, hierarchical_routing, load_balancing_loss, router_z_loss, top_k_routing,
+                          update_balancing_bias)
 
 
 def test_gates_sum_to_one_and_experts_are_distinct():
@@ -89,3 +90,42 @@ def test_detached_aux_losses_train_the_router_but_not_its_input():
   assert float(jnp.max(jnp.abs(input_grad))) > 1e-3
   chex.assert_trees_all_close(input_grad_d, jnp.zeros_like(x))  # No aux gradient into the trunk...
   chex.assert_trees_all_close(gate_grad_d, gate_grad, rtol=1e-6)  # ...but the gates' gradient still flows.
+
+
+def test_selection_bias_changes_choices_not_gate_values_in_top_k_routing():
+  logits = jax.random.normal(jax.random.PRNGKey(4), (64, 8))
+  bias = jnp.zeros(8).at[5].set(10.0)
+  route = top_k_routing(logits, 2, selection_bias_E=bias)
+  unbiased = top_k_routing(logits, 2)
+  # Expert 5 is always picked (first); the other pick is the token's most probable other expert.
+  assert bool(jnp.all(route.expert_index[:, 0] == 5))
+  masked = jnp.where(jnp.arange(8) == 5, -jnp.inf, logits)
+  np.testing.assert_array_equal(np.asarray(route.expert_index[:, 1]), np.asarray(jnp.argmax(masked, axis=-1)))
+  # Gates are the unbiased probabilities of the picked experts, renormalised over the two.
+  picked = jnp.take_along_axis(unbiased.probs, route.expert_index, axis=-1)
+  chex.assert_trees_all_close(route.gates, picked / jnp.sum(picked, axis=-1, keepdims=True), atol=1e-6)
+  chex.assert_trees_all_close(route.probs, unbiased.probs)
+
+
+def test_balancing_bias_steps_against_the_load_error():
+  load = jnp.array([[0.4, 0.3, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25]])
+  bias = update_balancing_bias(jnp.zeros((2, 4)), load, rate=0.01)
+  chex.assert_trees_all_close(bias, jnp.array([[-0.01, -0.01, 0.01, 0.01], [0.0, 0.0, 0.0, 0.0]]), atol=1e-7)
+
+
+def test_balancing_bias_evens_out_a_skewed_router():
+  # Fixed logits that send most tokens to the first experts; bias updates alone (no training) must spread the load.
+  num_experts = 8
+  logits = jax.random.normal(jax.random.PRNGKey(5), (2048, num_experts)) + jnp.linspace(2.0, 0.0, num_experts)[None, :]
+
+  def load_of(bias):
+    route = top_k_routing(logits, 2, selection_bias_E=bias)
+    return jnp.mean(jax.nn.one_hot(route.expert_index, num_experts), axis=(0, 1))
+
+  def step(bias, _):
+    return update_balancing_bias(bias, load_of(bias), rate=1e-3), None
+
+  final_bias, _ = jax.lax.scan(step, jnp.zeros(num_experts), None, length=300)
+  cv = lambda load: float(jnp.std(load) / jnp.mean(load))
+  assert cv(load_of(jnp.zeros(num_experts))) > 0.5
+  assert cv(load_of(final_bias)) < 0.1

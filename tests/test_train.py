@@ -11,15 +11,17 @@ import pytest
 
 from experiments.configs import tiny
 from hmoe import checkpoint, data, metrics, step as step_lib
-from hmoe.config import from_config_dict
+from hmoe.config import MoEConfig, from_config_dict
 from hmoe.model import TransformerLM
+from hmoe.routing import update_balancing_bias
 from hmoe.testing import dummy_batch, tiny_config
 from hmoe.train import train_and_evaluate
 
-def _config(data_dir, **train_overrides):
+def _config(data_dir, moe_overrides=None, **train_overrides):
   raw = tiny.get_config().to_dict()
   raw["data"]["data_dir"] = str(data_dir)
   raw["data"]["eval_splits"] = ("valid", "test")
+  raw["model"]["moe"].update(moe_overrides or {})
   raw["train"].update(train_overrides)
   return from_config_dict(raw)
 
@@ -67,7 +69,8 @@ def test_run_logs_metrics_and_reports_word_perplexity(wikitext_dir, tmp_path):
 
 
 def test_interrupted_run_resumes_exactly(wikitext_dir, tmp_path, monkeypatch):
-  config = _config(wikitext_dir, num_steps=6, checkpoint_every=2, keep_checkpoints=2)
+  # With auxiliary-loss-free balancing on, so its biases (state outside params) must resume exactly too.
+  config = _config(wikitext_dir, dict(bias_update_rate=0.01), num_steps=6, checkpoint_every=2, keep_checkpoints=2)
   train_and_evaluate(config, tmp_path / "straight")
 
   real_train_batch = data.train_batch
@@ -89,6 +92,8 @@ def test_interrupted_run_resumes_exactly(wikitext_dir, tmp_path, monkeypatch):
   assert step_a == step_b == 6
   chex.assert_trees_all_close(state_a.params, state_b.params, atol=1e-6, rtol=1e-6)
   chex.assert_trees_all_close(state_a.opt_state, state_b.opt_state, atol=1e-6, rtol=1e-6)
+  assert float(jnp.max(jnp.abs(state_a.moe_selection_bias))) > 0
+  chex.assert_trees_all_close(state_a.moe_selection_bias, state_b.moe_selection_bias, atol=1e-7)
 
 
 def test_nan_loss_stops_with_usable_checkpoint(wikitext_dir, tmp_path):
@@ -99,6 +104,26 @@ def test_nan_loss_stops_with_usable_checkpoint(wikitext_dir, tmp_path):
   step, state = _restore_final(tmp_path, config)
   assert step == 1 and int(state.step) == 1 and int(state.nan_step) == 1
   assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(state.params))
+
+
+def test_moe_selection_bias_steers_routing_and_moves_against_load():
+  config = tiny_config(moe=MoEConfig(num_experts=4, top_k=2, expert_ff=32, bias_update_rate=0.01))
+  model, optimizer = TransformerLM(config.model), step_lib.make_optimizer(config.train)
+  state = step_lib.init_train_state(model, optimizer, config)
+  chex.assert_shape(state.moe_selection_bias, (1, 4))  # One standard MoE layer ("dense,moe").
+  # A large bias on expert 3 puts it among every token's two choices: the bias reaches the router.
+  state = state.replace(moe_selection_bias=jnp.array([[0.0, 0.0, 0.0, 10.0]]))
+  train_fn = jax.jit(functools.partial(step_lib.train_step, model=model, optimizer=optimizer, config=config))
+  new_state, step_metrics = train_fn(state, dummy_batch(config))
+  load = step_metrics["expert_load"]
+  np.testing.assert_allclose(load[0, 3], 0.5, atol=1e-6)
+  # Expert 3 is overloaded, so its bias goes down; each other expert's moves against its own load error.
+  expected = update_balancing_bias(state.moe_selection_bias, load, 0.01)
+  chex.assert_trees_all_close(new_state.moe_selection_bias, expected, atol=1e-7)
+  assert float(new_state.moe_selection_bias[0, 3]) == pytest.approx(10.0 - 0.01)
+  # Off by default: no state to carry.
+  plain = tiny_config()
+  assert step_lib.init_train_state(TransformerLM(plain.model), optimizer, plain).moe_selection_bias is None
 
 
 def test_nan_guard_freezes_state():
