@@ -7,6 +7,7 @@ says so by name and falls back to the next older one instead of discarding the r
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 from typing import Any
 
@@ -26,6 +27,7 @@ class Checkpointer:
     self.directory = pathlib.Path(directory).resolve()
     self._manager = ocp.CheckpointManager(
         self.directory,
+        item_handlers=ocp.StandardCheckpointHandler(),  # Lets `item_metadata` read a checkpoint's tree.
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False),
     )
 
@@ -51,7 +53,7 @@ class Checkpointer:
     failures = []
     for step in reversed(steps):
       try:
-        state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+        state = self._restore_step(step, abstract_state)
       except Exception as error:  # Orbax raises many types (ValueError, FileNotFoundError, tensorstore errors).
         message = f"checkpoint {self.directory / str(step)} is unreadable ({type(error).__name__}: {error})"
         logging.error("%s; trying an older checkpoint.", message)
@@ -63,6 +65,25 @@ class Checkpointer:
     if failures:
       raise CheckpointError("no readable checkpoint in " + str(self.directory) + ":\n  " + "\n  ".join(failures))
     return None
+
+  def _restore_step(self, step: int, abstract_state: Any) -> Any:
+    try:
+      return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    except ValueError:
+      # A checkpoint written before an optional state field existed (e.g. `moe_selection_bias`, None unless used)
+      # lacks that field's key. Retry without the fields the checkpoint lacks, but only if they are None here:
+      # any other mismatch (a missing array, a changed model) still fails.
+      if not dataclasses.is_dataclass(abstract_state):
+        raise
+      on_disk = set(self._manager.item_metadata(step).keys())
+      fields = {field.name: getattr(abstract_state, field.name) for field in dataclasses.fields(abstract_state)}
+      absent = set(fields) - on_disk
+      if not absent or any(fields[name] is not None for name in absent):
+        raise
+      present = {name: value for name, value in fields.items() if name in on_disk}
+      restored = self._manager.restore(step, args=ocp.args.StandardRestore(present))
+      logging.info("checkpoint %d predates the state fields %s; they keep their None.", step, sorted(absent))
+      return dataclasses.replace(abstract_state, **restored)
 
   def close(self) -> None:
     self._manager.close()
