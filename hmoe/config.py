@@ -46,6 +46,11 @@ class MoEConfig:
   # expert *selection* only (gates keep the unbiased probabilities); after each step it moves by this rate against
   # the sign of the expert's load error. 0 = off. The biases live in `TrainState.moe_selection_bias`.
   bias_update_rate: float = 0.0
+  # Multiplies the routed output (DeepSeek-V2/V3 "routed scaling factor"). The renormalised gates of the k chosen
+  # experts sum to 1, so the routed part is an *average* of k experts where a dense FFN of the same active width is a
+  # *sum* of k blocks: each expert's output and its function-space learning rate are ~1/k of a dense block's.
+  # Setting it to top_k restores the sum.
+  routed_scale: float = 1.0
   dropless_block_size: int = 128  # Row block of the dropless grouped matmul.
 
   def validate(self) -> None:
@@ -64,6 +69,7 @@ class MoEConfig:
     _require(self.z_loss_weight >= 0, f"moe.z_loss_weight must be >= 0, got {self.z_loss_weight}")
     _require(0 <= self.router_jitter < 1, f"moe.router_jitter must be in [0, 1), got {self.router_jitter}")
     _require(self.bias_update_rate >= 0, f"moe.bias_update_rate must be >= 0, got {self.bias_update_rate}")
+    _require(self.routed_scale > 0, f"moe.routed_scale must be > 0, got {self.routed_scale}")
     _require(self.dropless_block_size >= 1,
              f"moe.dropless_block_size must be >= 1, got {self.dropless_block_size}")
 

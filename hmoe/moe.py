@@ -86,6 +86,8 @@ class MoEFeedForward(nn.Module):
       y_GxTxD, kept = self._einsum_path(x_GxTxD, route, weights, train)
     else:
       y_GxTxD, kept = self._sort_path(x_GxTxD, route, weights, train)
+    if cfg.routed_scale != 1.0:
+      y_GxTxD = y_GxTxD * cfg.routed_scale
 
     stats = MoEStats(
         balance_loss=jnp.mean(route.balance_loss),

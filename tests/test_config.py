@@ -33,6 +33,7 @@ def _tiny(**overrides):
     ({"train__mesh_shape": (-1, -1, 1)}, "train.mesh_shape"),
     ({"train__fan_in_lr_base": -1}, "train.fan_in_lr_base must be >= 0"),
     ({"model__moe__bias_update_rate": -0.001}, "moe.bias_update_rate must be >= 0"),
+    ({"model__moe__routed_scale": 0.0}, "moe.routed_scale must be > 0"),
 ])
 def test_invalid_values_are_named(overrides, message):
   with pytest.raises(ValueError) as error:

@@ -49,7 +49,7 @@ def _oracle(params, x_GxTxD, cfg: MoEConfig, capacity: int | None):
           e = int(route.expert_index[t, k])
           y_D = y_D + route.gates[t, k] * _swiglu_one(x_TxD[t], p["w_gate"][e], p["w_up"][e], p["w_down"][e])
       rows.append(y_D)
-    outputs.append(jnp.stack(rows))
+    outputs.append(cfg.routed_scale * jnp.stack(rows))
   return jnp.stack(outputs), dropped
 
 
@@ -63,8 +63,9 @@ _PATHS = {
 @pytest.mark.parametrize("path", list(_PATHS))
 @pytest.mark.parametrize("capacity_factor", [0.5, 1.25])
 def test_fast_paths_match_per_expert_loop(path, capacity_factor):
+  # routed_scale != 1 so the oracle also checks where the routed scaling factor enters (forward and gradients).
   cfg = MoEConfig(num_experts=4, top_k=2, expert_ff=_F, capacity_factor=capacity_factor, num_groups=2,
-                  **_PATHS[path])
+                  routed_scale=1.5, **_PATHS[path])
   layer = MoEFeedForward(cfg)
   x_BxLxD = jax.random.normal(jax.random.PRNGKey(0), (2, 12, _D))
   params = layer.init(jax.random.PRNGKey(1), x_BxLxD, train=True)
