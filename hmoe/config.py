@@ -49,7 +49,7 @@ class MoEConfig:
   # Multiplies the routed output (DeepSeek-V2/V3 "routed scaling factor"). The renormalised gates of the k chosen
   # experts sum to 1, so the routed part is an *average* of k experts where a dense FFN of the same active width is a
   # *sum* of k blocks: each expert's output and its function-space learning rate are ~1/k of a dense block's.
-  # Setting it to top_k restores the sum.
+  # Setting it to top_k restores the sum (no gain in the small.py probes, README).
   routed_scale: float = 1.0
   dropless_block_size: int = 128  # Row block of the dropless grouped matmul.
 
