@@ -152,6 +152,9 @@ class ModelConfig:
   tie_embeddings: bool = True
   dtype: str = "float32"  # Compute dtype; parameters are always float32.
   rope_base: float = 10_000.0
+  # Dropout on the embeddings and on each block's attention and FFN outputs before the residual add (GPT-2 style),
+  # training only. WikiText-2 is small enough that multi-epoch runs overfit (see README); 0 = off.
+  dropout_rate: float = 0.0
   moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
   hmoe: HMoEConfig = dataclasses.field(default_factory=HMoEConfig)
 
@@ -191,6 +194,7 @@ class ModelConfig:
     _require(not bad, f"model.ffn_pattern={self.ffn_pattern!r} has unknown kinds {bad}; allowed: {FFN_KINDS}")
     _require(self.dtype in DTYPES, f"model.dtype={self.dtype!r} not in {DTYPES}")
     _require(self.rope_base > 0, f"model.rope_base must be > 0, got {self.rope_base}")
+    _require(0.0 <= self.dropout_rate < 1.0, f"model.dropout_rate must be in [0, 1), got {self.dropout_rate}")
     _require(isinstance(self.shared_expert_ff, int) and self.shared_expert_ff >= 0,
              f"model.shared_expert_ff must be an int >= 0, got {self.shared_expert_ff!r}")
     _require(not {"moe", "hmoe"} <= set(kinds),

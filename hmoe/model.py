@@ -1,8 +1,9 @@
 """Decoder-only pre-norm Transformer language model with dense or MoE feed-forward blocks.
 
-`TransformerLM.apply(params, tokens_BxL, train=...)` returns `(logits_BxLxV, moe_stats)`, where `moe_stats` is a
+`TransformerLM.apply(params, tokens_BxL, train=..., rngs=...)` returns `(logits_BxLxV, moe_stats)`, where `moe_stats` is a
 `MoEStats` (standard MoE) or `HMoEStats` (hierarchical) whose leaves carry a leading axis over the routed layers
-(None for an all-dense model).
+(None for an all-dense model). Training needs a "jitter" rng when the router jitters and a "dropout" rng when
+`dropout_rate > 0`.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ class Block(nn.Module):
     """`selection_bias`: this layer's balancing biases, [E] for a standard MoE, [G, M] for an HMoE layer."""
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
+    dropout = nn.Dropout(cfg.dropout_rate, deterministic=not train)
     attended = CausalSelfAttention(cfg.num_heads, cfg.rope_base, dtype, name="attention")(
         RMSNorm(dtype=dtype, name="attention_norm")(x_BxLxD))
-    x_BxLxD = x_BxLxD + attended
+    x_BxLxD = x_BxLxD + dropout(attended)
     normed = RMSNorm(dtype=dtype, name="ffn_norm")(x_BxLxD)
     stats = None
     if self.ffn_kind == "moe":
@@ -41,7 +43,7 @@ class Block(nn.Module):
       ffn_out = DenseFeedForward(cfg.d_ff, dtype, name="ffn")(normed)
     if self.ffn_kind != "dense" and cfg.shared_expert_ff:
       ffn_out = ffn_out + DenseFeedForward(cfg.shared_expert_ff, dtype, name="shared_expert")(normed)
-    x_BxLxD = nn.with_logical_constraint(x_BxLxD + ffn_out, ("batch", "length", "embed"))
+    x_BxLxD = nn.with_logical_constraint(x_BxLxD + dropout(ffn_out), ("batch", "length", "embed"))
     return x_BxLxD, stats
 
 
@@ -60,7 +62,7 @@ class TransformerLM(nn.Module):
         (cfg.vocab_size, cfg.d_model), jnp.float32)
     # Embeddings start at norm ~1, small next to the blocks' outputs: a larger scale makes a tied model start by
     # predicting its own input token with a logit of ~sqrt(D). The pre-norm blocks normalise their inputs anyway.
-    x_BxLxD = embedding_VxD[tokens_BxL].astype(dtype)
+    x_BxLxD = nn.Dropout(cfg.dropout_rate, deterministic=not train)(embedding_VxD[tokens_BxL].astype(dtype))
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
     layer_stats = []
     for layer, kind in enumerate(cfg.ffn_kinds):

@@ -144,11 +144,13 @@ def train_step(state: TrainState, batch: Batch, *, model: TransformerLM, optimiz
                config: ExperimentConfig) -> tuple[TrainState, Metrics]:
   """One AdamW update on `batch` ({"inputs", "targets"} int32 [B, L]); returns the new state and step metrics."""
   jitter_rng = jax.random.fold_in(state.rng, state.step)
+  # A separate stream, so turning dropout on leaves the jitter noise of a run unchanged.
+  dropout_rng = jax.random.fold_in(jitter_rng, 1)
   bias = selection_bias(state, config)
 
   def loss_fn(params):
     logits, moe_stats = model.apply({"params": params}, batch["inputs"], train=True, selection_bias=bias,
-                                    rngs={"jitter": jitter_rng})
+                                    rngs={"jitter": jitter_rng, "dropout": dropout_rng})
     nll_sum, count = cross_entropy(logits, batch["targets"])
     ce = nll_sum / count
     aux, metrics = _moe_loss_and_metrics(moe_stats, config)

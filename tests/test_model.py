@@ -120,3 +120,36 @@ def test_shared_expert_adds_a_dense_ffn_beside_the_routed_one_and_counts_as_acti
   shared_size = 3 * config.model.d_model * 24
   assert counts["params_expert"] == plain["params_expert"]
   assert counts["params_active"] == plain["params_active"] + shared_size
+
+
+def test_dropout_is_training_only_and_keyed_by_the_step_rng():
+  config = tiny_config(dropout_rate=0.3)
+  model, variables = _init(config)
+  plain_model = TransformerLM(tiny_config().model)  # Same parameter tree, dropout off.
+  batch = dummy_batch(config)
+  evaluated, _ = model.apply(variables, batch["inputs"], train=False)
+  chex.assert_trees_all_close(evaluated, plain_model.apply(variables, batch["inputs"], train=False)[0])
+  train_logits = [model.apply(variables, batch["inputs"], train=True, rngs={"dropout": jax.random.PRNGKey(seed)})[0]
+                  for seed in (0, 0, 1)]
+  chex.assert_trees_all_close(train_logits[0], train_logits[1])  # Same key, same mask.
+  assert float(jnp.max(jnp.abs(train_logits[0] - train_logits[2]))) > 1e-3  # Another key, another mask.
+  assert float(jnp.max(jnp.abs(train_logits[0] - evaluated))) > 1e-3
+  # Without the rng, a training apply with dropout on must fail loudly rather than silently skip dropout.
+  with pytest.raises(Exception, match="dropout"):
+    model.apply(variables, batch["inputs"], train=True)
+
+  # Through the train step: the loss differs from the dropout-free model's and repeats exactly from the same state.
+  def first_losses(cfg):
+    lm, optimizer = TransformerLM(cfg.model), step_lib.make_optimizer(cfg.train)
+    state = step_lib.init_train_state(lm, optimizer, cfg)
+    train_fn = jax.jit(functools.partial(step_lib.train_step, model=lm, optimizer=optimizer, config=cfg))
+    return [float(train_fn(state, batch)[1]["ce_loss"]) for _ in range(2)]
+
+  with_dropout, without = first_losses(config), first_losses(tiny_config())
+  chex.assert_trees_all_close(with_dropout[0], with_dropout[1], rtol=1e-6)
+  assert abs(with_dropout[0] - without[0]) > 1e-4
+
+
+def test_dropout_rate_is_validated():
+  with pytest.raises(ValueError, match="model.dropout_rate"):
+    tiny_config(dropout_rate=1.0)
