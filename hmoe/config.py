@@ -248,8 +248,9 @@ class TrainConfig:
   def validate(self) -> None:
     _require(self.num_steps >= 1, f"train.num_steps must be >= 1, got {self.num_steps}")
     _require(self.learning_rate > 0, f"train.learning_rate must be > 0, got {self.learning_rate}")
-    _require(0 <= self.warmup_steps <= self.num_steps,
-             f"train.warmup_steps={self.warmup_steps} must be in [0, num_steps={self.num_steps}]")
+    # Strictly below num_steps: the cosine part of the schedule needs at least one step (optax rejects zero).
+    _require(0 <= self.warmup_steps < self.num_steps,
+             f"train.warmup_steps={self.warmup_steps} must be in [0, num_steps={self.num_steps})")
     _require(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
     _require(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
     _require(0 <= self.b1 < 1 and 0 <= self.b2 < 1, f"train.b1={self.b1}, train.b2={self.b2} must be in [0, 1)")

@@ -27,6 +27,8 @@ def _tiny(**overrides):
     ({"data__seq_len": 64}, "data.seq_len=64 exceeds model.max_len=32"),
     ({"data__dataset": "ptb"}, "data.dataset='ptb'"),
     ({"train__warmup_steps": 100}, "train.warmup_steps=100"),
+    ({"train__warmup_steps": 6}, "train.warmup_steps=6 must be in [0, num_steps=6)"),  # No step left to decay.
+    ({"model__dropout_rate": 1.0}, "model.dropout_rate must be in [0, 1)"),
     ({"train__learning_rate": -1.0}, "train.learning_rate must be > 0"),
     ({"model__moe__num_groups": 3}, "moe.num_groups=3 must divide"),
     ({"model__moe__typo_field": 1}, "model.moe.typo_field"),

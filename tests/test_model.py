@@ -149,7 +149,3 @@ def test_dropout_is_training_only_and_keyed_by_the_step_rng():
   chex.assert_trees_all_close(with_dropout[0], with_dropout[1], rtol=1e-6)
   assert abs(with_dropout[0] - without[0]) > 1e-4
 
-
-def test_dropout_rate_is_validated():
-  with pytest.raises(ValueError, match="model.dropout_rate"):
-    tiny_config(dropout_rate=1.0)
