@@ -49,8 +49,8 @@ def _read_run(workdir: pathlib.Path) -> list[dict]:
 
 def _summarise_run(rows: list[dict], num_steps: int) -> dict:
   late = [row for row in rows if "train/ce_loss" in row and row["step"] > num_steps // 2]
-  final = {key: value for row in rows for key, value in row.items() if key.endswith("/word_perplexity")}
-  summary = {"valid ppl": final.get("valid/word_perplexity"), "test ppl": final.get("test/word_perplexity")}
+  final = metrics.final_word_perplexities(rows)
+  summary = {"valid ppl": final.get("valid"), "test ppl": final.get("test")}
   for key, name in (("train/load_cv", "load CV"), ("train/dropped_fraction", "dropped"),
                     ("train/cluster_load_cv", "cluster CV")):
     values = [row[key] for row in late if key in row]

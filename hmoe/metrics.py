@@ -98,6 +98,12 @@ class MetricsWriter:
       stream.write(json.dumps(record) + "\n")
 
 
+def final_word_perplexities(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+  """`{split: the last logged word-level perplexity}` of a run's metrics rows; splits never evaluated are left out."""
+  suffix = "/word_perplexity"
+  return {key[:-len(suffix)]: value for row in rows for key, value in row.items() if key.endswith(suffix)}
+
+
 def read_metrics(path: str | pathlib.Path) -> list[dict[str, Any]]:
   with pathlib.Path(path).open() as stream:
     return [json.loads(line) for line in stream if line.strip()]

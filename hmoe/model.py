@@ -1,7 +1,7 @@
 """Decoder-only pre-norm Transformer language model with dense or MoE feed-forward blocks.
 
-`TransformerLM.apply(params, tokens_BxL, train=..., rngs=...)` returns `(logits_BxLxV, moe_stats)`, where `moe_stats` is a
-`MoEStats` (standard MoE) or `HMoEStats` (hierarchical) whose leaves carry a leading axis over the routed layers
+`TransformerLM.apply(params, tokens_BxL, train=..., rngs=...)` returns `(logits_BxLxV, moe_stats)`, where `moe_stats`
+is a `MoEStats` (standard MoE) or `HMoEStats` (hierarchical) whose leaves carry a leading axis over the routed layers
 (None for an all-dense model). Training needs a "jitter" rng when the router jitters and a "dropout" rng when
 `dropout_rate > 0`.
 """

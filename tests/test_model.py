@@ -148,4 +148,3 @@ def test_dropout_is_training_only_and_keyed_by_the_step_rng():
   with_dropout, without = first_losses(config), first_losses(tiny_config())
   chex.assert_trees_all_close(with_dropout[0], with_dropout[1], rtol=1e-6)
   assert abs(with_dropout[0] - without[0]) > 1e-4
-

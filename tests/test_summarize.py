@@ -5,13 +5,19 @@ import math
 import pytest
 
 from experiments import summarize
+from hmoe import metrics
 
 
-def test_final_perplexities_takes_the_last_evaluation_of_each_split():
-  rows = [{"step": 500, "valid/word_perplexity": 300.0}, {"step": 900, "train/loss": 4.0},
+def test_run_summary_takes_the_last_evaluation_and_averages_the_training_tail():
+  rows = [{"step": 500, "valid/word_perplexity": 300.0, "train/ce_loss": 9.0, "train/load_cv": 0.9},
+          {"step": 900, "train/ce_loss": 4.0, "train/load_cv": 0.5}, {"step": 950, "train/ce_loss": 3.0},
           {"step": 1000, "valid/word_perplexity": 250.0, "test/word_perplexity": 240.0}]
-  assert summarize.final_perplexities(rows) == {"valid": 250.0, "test": 240.0}
-  assert summarize.final_perplexities([{"step": 1, "train/loss": 5.0}]) == {}
+  summary = summarize.run_summary(rows, tail_logs=2)
+  assert summary["valid"] == 250.0 and summary["test"] == 240.0
+  assert math.isclose(summary["train_ce"], 3.5)  # The last two rows that log it, not the step-500 one.
+  assert math.isclose(summary["load_cv"], 0.7)  # Dense runs log no load CV; MoE runs do on every window.
+  assert summarize.run_summary([{"step": 1, "train/loss": 5.0}], tail_logs=2) == {}
+  assert metrics.final_word_perplexities(rows) == {"valid": 250.0, "test": 240.0}
 
 
 @pytest.mark.parametrize("name, expected", [("dense", ("dense", 0)), ("dense_d01_s2", ("dense_d01", 2)),
@@ -32,7 +38,7 @@ def test_pool_seeds_groups_repeats_with_mean_and_sample_std():
   assert moe["test"]["values"] == [120.0, 124.0]  # Seed 2 has no test number: left out, not counted as zero.
   assert math.isnan(dense["valid"]["std"])  # One seed has no spread.
   table = summarize.format_rows(rows)
-  assert "| moe | 0,1,2 | 132.00 ± 2.00 | 122.00 ± 2.83 |" in table
+  assert "| moe | 0,1,2 | 132.00 ± 2.00 | 122.00 ± 2.83 | - | - | 130.00, 134.00, 132.00 |" in table
   assert "| dense | 0 | 140.00 | 129.00 |" in table
 
 
