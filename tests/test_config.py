@@ -2,7 +2,7 @@
 
 import pytest
 
-from experiments.configs import small, tiny
+from experiments.configs import narrow, small, tiny
 from hmoe.config import from_config_dict
 
 
@@ -47,16 +47,18 @@ def test_shipped_configs_are_valid():
   assert from_config_dict(tiny.get_config()).model.num_moe_layers == 1
   assert from_config_dict(small.get_config("moe")).model.ffn_kinds == ("moe",) * 4
   assert from_config_dict(small.get_config("dense")).model.num_moe_layers == 0
-  # Both MoE variants have the same active FFN width as the dense baseline.
-  for variant in ("moe", "moe_shared"):
-    model = from_config_dict(small.get_config(variant)).model
+  # Every MoE variant has the same active FFN width as its dense baseline.
+  for module, variant in ((small, "moe"), (small, "moe_shared"), (narrow, "moe")):
+    model = from_config_dict(module.get_config(variant)).model
     assert model.shared_expert_ff + model.moe.top_k * model.moe.expert_ff == model.d_ff, variant
+  assert from_config_dict(narrow.get_config("dense")).model.d_ff == 256
   # Fan-in lr scaling is anchored at the dense width, so it leaves the dense baseline's optimizer unchanged.
-  for variant in small.VARIANTS:
-    config = from_config_dict(small.get_config(variant))
-    assert config.train.fan_in_lr_base == config.model.d_ff, variant
-  with pytest.raises(ValueError, match="variant"):
-    small.get_config("sparse")
+  for module in (small, narrow):
+    for variant in module.VARIANTS:
+      config = from_config_dict(module.get_config(variant))
+      assert config.train.fan_in_lr_base == config.model.d_ff, variant
+    with pytest.raises(ValueError, match="variant"):
+      module.get_config("sparse")
 
 
 def test_moe_fields_ignored_for_dense_models():
