@@ -6,7 +6,8 @@ setuptools.setup(
     name="hmoe",
     version="0.1.0",
     description="Mixture-of-Experts language models that regroup their experts while training (JAX/Flax).",
-    packages=setuptools.find_packages(include=["hmoe", "hmoe.*", "experiments", "experiments.*"]),
+    # Only the library: `experiments/` (entry points, configs, benchmarks) runs from a checkout.
+    packages=setuptools.find_packages(include=["hmoe", "hmoe.*"]),
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.6.0",
@@ -20,6 +21,6 @@ setuptools.setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "chex>=0.1.88"],
+        "test": ["pytest>=8.0", "chex>=0.1.88", "ruff>=0.6"],
     },
 )

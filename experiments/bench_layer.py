@@ -8,14 +8,14 @@ Each variant is jitted, warmed up, then timed as the median of --repeats calls w
 relative to the dense SwiGLU FFN whose hidden width is top_k * expert_ff (the same active FLOPs per token).
 """
 
-from absl import app, flags
 import jax
+from absl import app, flags
 
-from hmoe.benchmark import format_table, layer_seconds
+from experiments.benchmark import format_table, layer_seconds
 from hmoe.config import HMoEConfig, MoEConfig
-from hmoe.hierarchical import HMoEFeedForward
-from hmoe.layers import DenseFeedForward
-from hmoe.moe import MoEFeedForward
+from hmoe.model.hierarchical import HMoEFeedForward
+from hmoe.model.layers import DenseFeedForward
+from hmoe.model.moe import MoEFeedForward
 
 _TOKENS = flags.DEFINE_list("tokens", ["2048", "8192"], "Token counts (one routing group).")
 _EXPERTS = flags.DEFINE_list("experts", ["8", "16", "32"], "Expert counts.")

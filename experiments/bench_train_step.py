@@ -6,10 +6,10 @@ Each variant's jitted train step runs on synthetic tokens of the config's batch 
 --repeats steps with `block_until_ready`. Reported as tokens/s and time relative to the first variant.
 """
 
-from absl import app, flags
 import jax
+from absl import app, flags
 
-from hmoe.benchmark import format_table, load_variant_config, train_step_seconds
+from experiments.benchmark import format_table, load_variant_config, train_step_seconds
 
 _CONFIG = flags.DEFINE_string("config", "experiments/configs/small.py", "Config file with get_config(variant).")
 _VARIANTS = flags.DEFINE_list("variants", ["dense", "moe"], "Variants passed to get_config.")

@@ -19,18 +19,18 @@ import functools
 import json
 import pathlib
 
-from absl import app, flags
-import flax.linen as nn
 import jax
 import numpy as np
+from absl import app, flags
 
-from hmoe import metrics
-from hmoe.benchmark import format_table, layer_seconds, load_variant_config, train_step_seconds
-from hmoe.hierarchical import HMoEFeedForward
-from hmoe.layers import DenseFeedForward
-from hmoe.model import TransformerLM
-from hmoe.moe import MoEFeedForward
-from hmoe.step import init_train_state, make_optimizer
+from experiments import analysis
+from experiments.benchmark import format_table, layer_seconds, load_variant_config, train_step_seconds
+from hmoe.model.ffn import FeedForward
+from hmoe.model.param_counts import parameter_counts
+from hmoe.model.transformer import TransformerLM
+from hmoe.train import metrics
+from hmoe.train.optimizer import make_optimizer
+from hmoe.train.state import init_train_state
 
 _RUNS_DIR = flags.DEFINE_string("runs_dir", "runs/compare", "Directory holding one workdir per variant.")
 _CONFIG = flags.DEFINE_string("config", "experiments/configs/compare.py", "Config file with get_config(variant).")
@@ -49,13 +49,13 @@ def _read_run(workdir: pathlib.Path) -> list[dict]:
 
 def _summarise_run(rows: list[dict], num_steps: int) -> dict:
   late = [row for row in rows if "train/ce_loss" in row and row["step"] > num_steps // 2]
-  final = metrics.final_word_perplexities(rows)
+  final = analysis.final_word_perplexities(rows)
   summary = {"valid ppl": final.get("valid"), "test ppl": final.get("test")}
   for key, name in (("train/load_cv", "load CV"), ("train/dropped_fraction", "dropped"),
                     ("train/cluster_load_cv", "cluster CV")):
     values = [row[key] for row in late if key in row]
     summary[name] = float(np.mean(values)) if values else None
-  events = metrics.regroup_recovery(rows)
+  events = analysis.regroup_recovery(rows)
   if events:
     summary["regroups"] = events
     adopted = [event for event in events if event["adopted"] > 0]  # A kept grouping changes nothing to recover from.
@@ -77,7 +77,7 @@ def twin_gaps(rows: list[dict], twin_rows: list[dict], horizon: int = 50) -> lis
   loss = {row["step"]: row["train/ce_loss"] for row in rows if "train/ce_loss" in row}
   twin = {row["step"]: row["train/ce_loss"] for row in twin_rows if "train/ce_loss" in row}
   gaps = []
-  for event in metrics.regroup_recovery(rows):
+  for event in analysis.regroup_recovery(rows):
     if not event["adopted"]:
       continue
     steps = sorted(s for s in loss if s in twin and event["step"] < s <= event["step"] + horizon)
@@ -90,30 +90,10 @@ def twin_gaps(rows: list[dict], twin_rows: list[dict], horizon: int = 50) -> lis
   return gaps
 
 
-class _RoutedWithSharedExpert(nn.Module):
-  """A routed FFN plus the always-on shared expert, as `hmoe.model.Block` combines them."""
-
-  routed: nn.Module
-  shared_expert_ff: int
-
-  @nn.compact
-  def __call__(self, x, *, train: bool):
-    y, stats = self.routed(x, train=train)
-    return y + DenseFeedForward(self.shared_expert_ff)(x), stats
-
-
-def _ffn_layer(config):
-  model = config.model
-  if model.sparse_kind is None:
-    return DenseFeedForward(model.d_ff)
-  routed = MoEFeedForward(model.moe) if model.sparse_kind == "moe" else HMoEFeedForward(model.hmoe)
-  return _RoutedWithSharedExpert(routed, model.shared_expert_ff) if model.shared_expert_ff else routed
-
-
 def _parameter_counts(config) -> dict:
   model, optimizer = TransformerLM(config.model), make_optimizer(config.train)
   state = jax.eval_shape(functools.partial(init_train_state, model, optimizer, config))
-  return metrics.parameter_counts(state.params, config.model)
+  return parameter_counts(state.params, config.model)
 
 
 def main(argv):
@@ -128,8 +108,8 @@ def main(argv):
                 "active params (M)": counts["params_active"] / 1e6,
                 "MB at f32": counts["params_total"] * 4 / 2**20})
     x = jax.random.normal(jax.random.PRNGKey(1), (1, _LAYER_TOKENS.value, config.model.d_model))
-    kwargs = {"train": True} if config.model.sparse_kind else {}
-    layer_s = layer_seconds(_ffn_layer(config), x, repeats=_REPEATS.value, **kwargs)
+    kind = config.model.routed_kind or "dense"
+    layer_s = layer_seconds(FeedForward(config.model, kind), x, repeats=_REPEATS.value, train=True)
     step_s = train_step_seconds(config, repeats=_REPEATS.value)
     row["layer tokens/s"] = _LAYER_TOKENS.value / layer_s
     row["step tokens/s"] = config.data.batch_size * config.data.seq_len / step_s

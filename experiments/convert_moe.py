@@ -14,14 +14,18 @@ import json
 import pathlib
 import shutil
 
-from absl import app, flags, logging
 import jax
 import jax.numpy as jnp
+from absl import app, flags, logging
 
-from hmoe import checkpoint, convert, metrics, step as step_lib
+from hmoe.clustering import convert
 from hmoe.config import from_config_dict
-from hmoe.model import TransformerLM
-from hmoe.train import evaluate, load_corpus, quiet_library_logging, train_and_evaluate
+from hmoe.data.corpus import load_corpus
+from hmoe.model.param_counts import parameter_counts
+from hmoe.model.transformer import TransformerLM
+from hmoe.train import checkpoint, optimizer as optimizer_lib, state as state_lib, step as step_lib
+from hmoe.train.evaluation import evaluate
+from hmoe.train.loop import quiet_library_logging, train_and_evaluate
 
 _MOE_WORKDIR = flags.DEFINE_string("moe_workdir", None, "Workdir of a finished standard-MoE run.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the converted model is fine-tuned.")
@@ -34,23 +38,21 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the k-means seeding.")
 flags.mark_flags_as_required(["moe_workdir", "workdir"])
 
 
-def _restore_moe_state(config, workdir: pathlib.Path) -> step_lib.TrainState:
+def _restore_moe_state(config, workdir: pathlib.Path) -> state_lib.TrainState:
   model = TransformerLM(config.model)
-  optimizer = step_lib.make_optimizer(config.train)
-  abstract = jax.eval_shape(functools.partial(step_lib.init_train_state, model, optimizer, config))
+  optimizer = optimizer_lib.make_optimizer(config.train)
+  abstract = jax.eval_shape(functools.partial(state_lib.init_train_state, model, optimizer, config))
   restored = checkpoint.Checkpointer(workdir / "checkpoints").restore(checkpoint.abstract_like(abstract))
   if restored is None:
     raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
   return restored[1]
 
 
-def _evaluate_all(config, params, corpus) -> dict[str, float]:
+def _evaluate_all(config, params, routing_state, corpus) -> dict[str, float]:
   eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=TransformerLM(config.model)))
-  state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=None, rng=None,
-                              nan_step=jnp.zeros((), jnp.int32), cluster_state=None)
   results = {}
   for split in config.data.eval_splits:
-    values = evaluate(eval_fn, state, corpus.eval_splits[split], config, corpus.tokenizer.eos_id)
+    values = evaluate(eval_fn, params, routing_state, corpus.eval_splits[split], config.data, corpus.tokenizer.eos_id)
     results.update({f"{split}/loss": values["loss"], f"{split}/word_perplexity": values["word_perplexity"]})
   return results
 
@@ -64,21 +66,22 @@ def run(moe_workdir: pathlib.Path, workdir: pathlib.Path, *, members: int, rank:
     raise ValueError(f"--members={members} must divide the MoE's {num_experts} experts")
   hmoe_model = convert.hmoe_model_config(moe_config.model, num_clusters=num_experts // members, rank=rank,
                                          recluster_every=0)
-  corpus = load_corpus(moe_config, moe_workdir)  # The MoE run's cached tokenizer and encoded splits.
+  # The MoE run's cached tokenizer and encoded splits.
+  corpus = load_corpus(moe_config.data, moe_config.model.vocab_size, moe_workdir)
 
   moe_state = _restore_moe_state(moe_config, moe_workdir)
   moe_step = int(moe_state.step)
   summary = {"moe_step": moe_step, "members": members, "rank": rank, "finetune_steps": finetune_steps}
-  summary["moe"] = {**metrics.parameter_counts(moe_state.params, moe_config.model),
-                    **_evaluate_all(moe_config, moe_state.params, corpus)}
+  summary["moe"] = {**parameter_counts(moe_state.params, moe_config.model),
+                    **_evaluate_all(moe_config, moe_state.params, moe_state.routing_state, corpus)}
   logging.info("MoE at step %d: %s", moe_step, summary["moe"])
 
-  params, cluster_state, info = convert.convert_moe_params(moe_state.params, hmoe_model,
-                                                           jax.random.PRNGKey(seed))
+  params, routing_state, info = convert.convert_moe_params(moe_state.params, hmoe_model, jax.random.PRNGKey(seed),
+                                                           routing_state=moe_state.routing_state)
   hmoe_config = dataclasses.replace(moe_config, model=hmoe_model)
   summary["relative_error_per_layer"] = [round(float(e), 4) for e in info["relative_error"]]
-  summary["converted"] = {**metrics.parameter_counts(params, hmoe_model),
-                          **_evaluate_all(hmoe_config, params, corpus)}
+  summary["converted"] = {**parameter_counts(params, hmoe_model),
+                          **_evaluate_all(hmoe_config, params, routing_state, corpus)}
   logging.info("converted, no training: %s", summary["converted"])
 
   workdir.mkdir(parents=True, exist_ok=True)
@@ -93,7 +96,7 @@ def run(moe_workdir: pathlib.Path, workdir: pathlib.Path, *, members: int, rank:
         checkpoint_every=finetune_steps))
     finetune_config.validate()
     # Data position continues after the MoE run's last batch; the optimizer starts fresh (new parameterisation).
-    warm_start = lambda state: state.replace(params=params, cluster_state=cluster_state,
+    warm_start = lambda state: state.replace(params=params, routing_state=routing_state,
                                              step=jnp.asarray(moe_step, jnp.int32))
     results = train_and_evaluate(finetune_config, workdir, warm_start=warm_start)
     summary["finetuned"] = {key: value for key, value in results.items()

@@ -16,11 +16,13 @@ import glob
 import pathlib
 import re
 import statistics
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from absl import app, flags
 
-from hmoe import metrics
+from experiments import analysis
+from hmoe.train import metrics
 
 _RUNS = flags.DEFINE_list("runs", ["runs/*"], "Globs of run workdirs (each holding metrics.jsonl).")
 _TAIL_LOGS = flags.DEFINE_integer("tail_logs", 6, "Logged training windows averaged for train CE and load CV.")
@@ -32,7 +34,7 @@ _SEED_SUFFIX = re.compile(r"_s(\d+)$")
 
 def run_summary(rows: Sequence[Mapping[str, Any]], tail_logs: int) -> dict[str, float]:
   """Final perplexities plus the training columns averaged over the last `tail_logs` rows logging them."""
-  summary = metrics.final_word_perplexities(rows)
+  summary = analysis.final_word_perplexities(rows)
   for column, key, _ in _COLUMNS:
     values = [row[key] for row in rows if key is not None and key in row][-tail_logs:]
     if values:

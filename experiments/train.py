@@ -6,12 +6,12 @@
 The run resumes automatically from the newest checkpoint in --workdir.
 """
 
-from absl import app, flags, logging
 import jax
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from hmoe.config import from_config_dict
-from hmoe.train import quiet_library_logging, train_and_evaluate
+from hmoe.train.loop import quiet_library_logging, train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and caches.")

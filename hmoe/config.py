@@ -9,11 +9,21 @@ dataclasses below, and every value is checked *before* anything is traced or com
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+import fractions
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+  import ml_collections
 
 FFN_KINDS = ("dense", "moe", "hmoe")
 DISPATCH_KINDS = ("sort", "einsum")
 DTYPES = ("float32", "bfloat16")
+
+
+def parse_ffn_pattern(pattern: str) -> tuple[str, ...]:
+  """`"dense, moe"` -> `("dense", "moe")`: the FFN kinds of `ModelConfig.ffn_pattern`, in order."""
+  return tuple(kind.strip() for kind in pattern.split(","))
 
 
 def _require(condition: bool, message: str) -> None:
@@ -22,19 +32,24 @@ def _require(condition: bool, message: str) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class MoEConfig:
-  """Standard top-k token-choice MoE (Switch / GShard family)."""
+class RoutedConfig:
+  """Fields and checks every routed FFN kind shares; `MoEConfig` and `HMoEConfig` add their own.
+
+  `section` names the config section in error messages (`--config.model.<section>.<field>`).
+  """
+
+  section: ClassVar[str] = "routed"
+  # Whether the kind keeps per-expert activation statistics and regroups experts (`hmoe.clustering`).
+  clusters_experts: ClassVar[bool] = False
 
   num_experts: int = 8
-  top_k: int = 2
   expert_ff: int = 256  # Hidden width F of each SwiGLU expert.
-  capacity_factor: float = 1.25  # C = ceil(capacity_factor * T * K / E) per group; ignored when dropless.
+  capacity_factor: float = 1.25  # Slots per expert (MoE) or per cluster (HMoE); ignored when dropless.
+  dropless: bool = False  # Train without capacity: block-sparse grouped matmuls, no token is ever dropped.
   eval_capacity_factor: float = 2.0  # Used at evaluation only when eval_dropless is False.
-  dropless: bool = False  # Block-sparse grouped matmul: no token is ever dropped.
   # Evaluate without drops. Capacity priority is k-major (GShard), so a later token's first choice can evict an
   # earlier token's second choice: with drops, perplexity would see a sliver of the future.
   eval_dropless: bool = True
-  dispatch: str = "sort"  # "sort": sort + gather into [E, C, D]; "einsum": GShard one-hot einsum (reference/TPU).
   num_groups: int = 1  # Tokens are routed within groups (set to the data-parallel size on a pod).
   balance_loss_weight: float = 0.01  # Switch Transformer load-balancing loss.
   z_loss_weight: float = 1e-3  # ST-MoE router z-loss.
@@ -44,59 +59,80 @@ class MoEConfig:
   detach_aux_input: bool = False
   # Auxiliary-loss-free balancing (DeepSeek-V3 Sec. 2.1.2): a per-expert bias added to the router probabilities for
   # expert *selection* only (gates keep the unbiased probabilities); after each step it moves by this rate against
-  # the sign of the expert's load error. 0 = off. The biases live in `TrainState.moe_selection_bias`.
+  # the sign of the expert's load error. 0 = off. The biases live in `hmoe.routing.RoutingState.selection_bias`.
   bias_update_rate: float = 0.0
   # Multiplies the routed output (DeepSeek-V2/V3 "routed scaling factor"). The renormalised gates of the k chosen
   # experts sum to 1, so the routed part is an *average* of k experts where a dense FFN of the same active width is a
   # *sum* of k blocks: each expert's output and its function-space learning rate are ~1/k of a dense block's.
   # Setting it to top_k restores the sum (no gain in the small.py probes, README).
   routed_scale: float = 1.0
-  dropless_block_size: int = 128  # Row block of the dropless grouped matmul.
+
+  @property
+  def loss_weights(self) -> dict[str, float]:
+    """Weight of each auxiliary loss, keyed by its `hmoe.routing.RoutingStats` field."""
+    return {"balance_loss": self.balance_loss_weight, "z_loss": self.z_loss_weight}
+
+  def active_fraction(self, param_name: str) -> fractions.Fraction | None:
+    """Fraction of a routed layer's parameter `param_name` that one token uses; None for non-expert parameters."""
+    raise NotImplementedError
+
+  def _check(self, condition: bool, field: str, requirement: str) -> None:
+    _require(condition, f"{self.section}.{field} must be {requirement}, got {getattr(self, field)!r}")
 
   def validate(self) -> None:
-    _require(self.num_experts >= 1, f"moe.num_experts must be >= 1, got {self.num_experts}")
-    _require(1 <= self.top_k <= self.num_experts,
-             f"moe.top_k={self.top_k} must be in [1, moe.num_experts={self.num_experts}]")
-    _require(self.expert_ff >= 1, f"moe.expert_ff must be >= 1, got {self.expert_ff}")
-    _require(self.capacity_factor > 0, f"moe.capacity_factor must be > 0, got {self.capacity_factor}")
-    _require(self.eval_capacity_factor > 0,
-             f"moe.eval_capacity_factor must be > 0, got {self.eval_capacity_factor}")
-    _require(self.dispatch in DISPATCH_KINDS, f"moe.dispatch={self.dispatch!r} not in {DISPATCH_KINDS}")
-    _require(not (self.dropless and self.dispatch == "einsum"),
-             "moe.dropless=True needs moe.dispatch='sort' (the einsum path always has a capacity)")
-    _require(self.num_groups >= 1, f"moe.num_groups must be >= 1, got {self.num_groups}")
-    _require(self.balance_loss_weight >= 0, f"moe.balance_loss_weight must be >= 0, got {self.balance_loss_weight}")
-    _require(self.z_loss_weight >= 0, f"moe.z_loss_weight must be >= 0, got {self.z_loss_weight}")
-    _require(0 <= self.router_jitter < 1, f"moe.router_jitter must be in [0, 1), got {self.router_jitter}")
-    _require(self.bias_update_rate >= 0, f"moe.bias_update_rate must be >= 0, got {self.bias_update_rate}")
-    _require(self.routed_scale > 0, f"moe.routed_scale must be > 0, got {self.routed_scale}")
-    _require(self.dropless_block_size >= 1,
-             f"moe.dropless_block_size must be >= 1, got {self.dropless_block_size}")
+    for field in ("num_experts", "expert_ff", "num_groups"):
+      self._check(isinstance(getattr(self, field), int) and getattr(self, field) >= 1, field, "a positive int")
+    for field in ("capacity_factor", "eval_capacity_factor", "routed_scale"):
+      self._check(getattr(self, field) > 0, field, "> 0")
+    for field in ("balance_loss_weight", "z_loss_weight", "bias_update_rate"):
+      self._check(getattr(self, field) >= 0, field, ">= 0")
+    self._check(0 <= self.router_jitter < 1, "router_jitter", "in [0, 1)")
 
 
 @dataclasses.dataclass(frozen=True)
-class HMoEConfig:
-  """Hierarchical MoE: G clusters of M = E / G experts, each expert matrix `W_e = B_c + U_e V_e` (rank R)."""
+class MoEConfig(RoutedConfig):
+  """Standard top-k token-choice MoE (Switch / GShard family). Capacity: C = ceil(capacity_factor * T * K / E)."""
+
+  section: ClassVar[str] = "moe"
+
+  top_k: int = 2
+  dispatch: str = "sort"  # "sort": sort + gather into [E, C, D]; "einsum": GShard one-hot einsum (reference/TPU).
+  dropless_block_size: int = 128  # Row block of the dropless grouped matmul.
+
+  def active_fraction(self, param_name: str) -> fractions.Fraction | None:
+    if param_name in ("w_gate", "w_up", "w_down"):
+      return fractions.Fraction(self.top_k, self.num_experts)
+    return None
+
+  def validate(self) -> None:
+    super().validate()
+    _require(1 <= self.top_k <= self.num_experts,
+             f"moe.top_k={self.top_k} must be in [1, moe.num_experts={self.num_experts}]")
+    _require(self.dispatch in DISPATCH_KINDS, f"moe.dispatch={self.dispatch!r} not in {DISPATCH_KINDS}")
+    _require(not (self.dropless and self.dispatch == "einsum"),
+             "moe.dropless=True needs moe.dispatch='sort' (the einsum path always has a capacity)")
+    self._check(self.dropless_block_size >= 1, "dropless_block_size", ">= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class HMoEConfig(RoutedConfig):
+  """Hierarchical MoE: G clusters of M = E / G experts, each expert matrix `W_e = B_c + U_e V_e` (rank R).
+
+  Capacity is per cluster: C = ceil(capacity_factor * T * Kc / G).
+  """
+
+  section: ClassVar[str] = "hmoe"
+  clusters_experts: ClassVar[bool] = True
 
   num_experts: int = 32
   num_clusters: int = 8
   rank: int = 16
   top_k_clusters: int = 1
   top_k_experts: int = 2
-  expert_ff: int = 256
-  capacity_factor: float = 1.25  # Per cluster: C = ceil(capacity_factor * T * Kc / G).
-  eval_capacity_factor: float = 2.0  # Used at evaluation only when eval_dropless is False.
-  eval_dropless: bool = True  # Same reason as MoEConfig.eval_dropless.
   block_size: int = 64  # Row block of the grouped low-rank matmuls inside clusters.
-  num_groups: int = 1
-  balance_loss_weight: float = 0.01  # Switch loss over all experts (joint probabilities).
-  cluster_balance_loss_weight: float = 0.01  # Switch loss over clusters.
-  z_loss_weight: float = 1e-3
+  cluster_balance_loss_weight: float = 0.01  # Switch loss over clusters (the expert one is over joint probabilities).
   residual_init_scale: float = 0.5  # Initial |U V| relative to |B|: experts start distinct but close to their base.
-  # Auxiliary-loss-free balancing (DeepSeek-V3): after each step every expert's selection bias moves by this rate
-  # against the sign of its load error. 0 = off.
-  bias_update_rate: float = 0.0
-  # Regrouping (hmoe.regroup). 0 = never regroup: clusters stay as initialised.
+  # Regrouping (hmoe.clustering.regroup). 0 = never regroup: clusters stay as initialised.
   recluster_every: int = 0
   similarity_alpha: float = 0.6  # Weight of parameter similarity against activation similarity.
   # Adopt a new grouping only if mean intra-cluster similarity rises by more than this (negative: always adopt).
@@ -111,26 +147,35 @@ class HMoEConfig:
   def experts_per_cluster(self) -> int:
     return self.num_experts // self.num_clusters
 
+  @property
+  def loss_weights(self) -> dict[str, float]:
+    return {**super().loss_weights, "cluster_balance_loss": self.cluster_balance_loss_weight}
+
+  def active_fraction(self, param_name: str) -> fractions.Fraction | None:
+    if param_name.startswith("base_"):
+      return fractions.Fraction(self.top_k_clusters, self.num_clusters)
+    if param_name.startswith(("u_", "v_")):
+      return fractions.Fraction(self.top_k_clusters * self.top_k_experts, self.num_experts)
+    return None
+
   def validate(self) -> None:
-    _require(self.num_clusters >= 1 and self.num_experts % self.num_clusters == 0,
+    super().validate()
+    _require(isinstance(self.num_clusters, int) and self.num_clusters >= 1
+             and self.num_experts % self.num_clusters == 0,
              f"hmoe.num_clusters={self.num_clusters} must divide hmoe.num_experts={self.num_experts}")
     _require(1 <= self.top_k_clusters <= self.num_clusters,
              f"hmoe.top_k_clusters={self.top_k_clusters} must be in [1, num_clusters={self.num_clusters}]")
     _require(1 <= self.top_k_experts <= self.experts_per_cluster,
              f"hmoe.top_k_experts={self.top_k_experts} must be in [1, experts per cluster={self.experts_per_cluster}]")
     _require(1 <= self.rank <= self.expert_ff, f"hmoe.rank={self.rank} must be in [1, expert_ff={self.expert_ff}]")
-    for name in ("capacity_factor", "eval_capacity_factor", "residual_init_scale"):
-      _require(getattr(self, name) > 0, f"hmoe.{name} must be > 0, got {getattr(self, name)}")
-    for name in ("balance_loss_weight", "cluster_balance_loss_weight", "z_loss_weight"):
-      _require(getattr(self, name) >= 0, f"hmoe.{name} must be >= 0, got {getattr(self, name)}")
-    _require(0 <= self.similarity_alpha <= 1, f"hmoe.similarity_alpha must be in [0, 1], got {self.similarity_alpha}")
-    _require(0 < self.centroid_ema <= 1, f"hmoe.centroid_ema must be in (0, 1], got {self.centroid_ema}")
-    for name in ("recluster_every", "kmeans_iters", "bias_update_rate"):
-      _require(getattr(self, name) >= 0, f"hmoe.{name} must be >= 0, got {getattr(self, name)}")
-    _require(self.sketch_rows >= 1 and self.sketch_cols >= 1,
-             f"hmoe.sketch_rows={self.sketch_rows} and hmoe.sketch_cols={self.sketch_cols} must be >= 1")
-    _require(self.block_size >= 1 and self.num_groups >= 1,
-             f"hmoe.block_size={self.block_size} and hmoe.num_groups={self.num_groups} must be >= 1")
+    self._check(self.residual_init_scale > 0, "residual_init_scale", "> 0")
+    self._check(self.cluster_balance_loss_weight >= 0, "cluster_balance_loss_weight", ">= 0")
+    self._check(0 <= self.similarity_alpha <= 1, "similarity_alpha", "in [0, 1]")
+    self._check(0 < self.centroid_ema <= 1, "centroid_ema", "in (0, 1]")
+    for field in ("recluster_every", "kmeans_iters"):
+      self._check(getattr(self, field) >= 0, field, ">= 0")
+    for field in ("sketch_rows", "sketch_cols", "block_size"):
+      self._check(getattr(self, field) >= 1, field, ">= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,23 +209,29 @@ class ModelConfig:
 
   @property
   def ffn_kinds(self) -> tuple[str, ...]:
-    pattern = tuple(kind.strip() for kind in self.ffn_pattern.split(","))
+    """The FFN kind of every layer: `ffn_pattern` cycled over `num_layers`."""
+    pattern = parse_ffn_pattern(self.ffn_pattern)
     return tuple(pattern[i % len(pattern)] for i in range(self.num_layers))
 
   @property
-  def num_moe_layers(self) -> int:
-    """Layers with routed experts (standard or hierarchical)."""
-    return sum(kind != "dense" for kind in self.ffn_kinds)
-
-  @property
-  def sparse_kind(self) -> str | None:
+  def routed_kind(self) -> str | None:
     """The routed FFN kind of this model ("moe" or "hmoe"), None if all layers are dense."""
-    kinds = set(self.ffn_kinds) - {"dense"}
+    kinds = set(parse_ffn_pattern(self.ffn_pattern)) - {"dense"}
     return kinds.pop() if kinds else None
 
   @property
-  def num_groups(self) -> int:
-    return self.hmoe.num_groups if self.sparse_kind == "hmoe" else self.moe.num_groups
+  def routed(self) -> RoutedConfig | None:
+    """The config section of the routed layers (`moe` or `hmoe`), None for an all-dense model."""
+    return getattr(self, self.routed_kind) if self.routed_kind else None
+
+  @property
+  def routed_layers(self) -> tuple[int, ...]:
+    """Indices of the layers with routed experts."""
+    return tuple(i for i, kind in enumerate(self.ffn_kinds) if kind != "dense")
+
+  @property
+  def num_routed_layers(self) -> int:
+    return len(self.routed_layers)
 
   def validate(self) -> None:
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_len"):
@@ -189,7 +240,7 @@ class ModelConfig:
     _require(self.d_model % self.num_heads == 0,
              f"model.num_heads={self.num_heads} must divide model.d_model={self.d_model}")
     _require(self.head_dim % 2 == 0, f"head_dim=d_model/num_heads={self.head_dim} must be even for rotary positions")
-    kinds = tuple(kind.strip() for kind in self.ffn_pattern.split(","))
+    kinds = parse_ffn_pattern(self.ffn_pattern)
     bad = [kind for kind in kinds if kind not in FFN_KINDS]
     _require(not bad, f"model.ffn_pattern={self.ffn_pattern!r} has unknown kinds {bad}; allowed: {FFN_KINDS}")
     _require(self.dtype in DTYPES, f"model.dtype={self.dtype!r} not in {DTYPES}")
@@ -199,10 +250,8 @@ class ModelConfig:
              f"model.shared_expert_ff must be an int >= 0, got {self.shared_expert_ff!r}")
     _require(not {"moe", "hmoe"} <= set(kinds),
              f"model.ffn_pattern={self.ffn_pattern!r} mixes 'moe' and 'hmoe'; compare them in separate models")
-    if "moe" in kinds:
-      self.moe.validate()
-    if "hmoe" in kinds:
-      self.hmoe.validate()
+    if self.routed is not None:
+      self.routed.validate()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,11 +325,14 @@ class ExperimentConfig:
     self.train.validate()
     _require(self.data.seq_len <= self.model.max_len,
              f"data.seq_len={self.data.seq_len} exceeds model.max_len={self.model.max_len}")
-    if self.model.sparse_kind:
-      groups, section = self.model.num_groups, self.model.sparse_kind
+    if self.model.routed is not None:
+      groups, section = self.model.routed.num_groups, self.model.routed_kind
       for name in ("batch_size", "eval_batch_size"):
         tokens = getattr(self.data, name) * self.data.seq_len
         _require(tokens % groups == 0, f"{section}.num_groups={groups} must divide {name}*seq_len={tokens}")
+
+
+_SECTIONS = {"moe": MoEConfig, "hmoe": HMoEConfig}
 
 
 def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
@@ -290,10 +342,8 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
   _require(not unknown, f"unknown config keys {[prefix + key for key in unknown]}")
   kwargs = {}
   for key, value in values.items():
-    if key == "moe":
-      value = _build(MoEConfig, value, prefix + "moe.")
-    elif key == "hmoe":
-      value = _build(HMoEConfig, value, prefix + "hmoe.")
+    if key in _SECTIONS:
+      value = _build(_SECTIONS[key], value, prefix + key + ".")
     elif key in ("eval_splits", "mesh_shape"):
       value = tuple(value)
     kwargs[key] = value

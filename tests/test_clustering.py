@@ -8,10 +8,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hmoe import clustering
-from hmoe.clustering import (balanced_kmeans, cluster_bases, cluster_major_permutation, fused_features,
-                             intra_cluster_similarity, inverse_permutation, low_rank_residuals,
-                             make_sketch_projections, should_adopt, sketch_expert, sketch_weights)
+from hmoe.clustering import kmeans as clustering
+from hmoe.clustering.kmeans import (
+  balanced_kmeans,
+  cluster_bases,
+  cluster_major_permutation,
+  fused_features,
+  intra_cluster_similarity,
+  inverse_permutation,
+  low_rank_residuals,
+  make_sketch_projections,
+  should_adopt,
+  sketch_expert,
+  sketch_weights,
+)
 
 
 def _cosine_matrix(x):

@@ -44,9 +44,9 @@ def test_invalid_values_are_named(overrides, message):
 
 
 def test_shipped_configs_are_valid():
-  assert from_config_dict(tiny.get_config()).model.num_moe_layers == 1
+  assert from_config_dict(tiny.get_config()).model.num_routed_layers == 1
   assert from_config_dict(small.get_config("moe")).model.ffn_kinds == ("moe",) * 4
-  assert from_config_dict(small.get_config("dense")).model.num_moe_layers == 0
+  assert from_config_dict(small.get_config("dense")).model.num_routed_layers == 0
   # Every MoE variant has the same active FFN width as its dense baseline.
   for module, variant in ((small, "moe"), (small, "moe_shared"), (narrow, "moe")):
     model = from_config_dict(module.get_config(variant)).model

@@ -12,11 +12,12 @@ import pytest
 
 from experiments import convert_moe
 from experiments.configs import tiny
-from hmoe import convert, regroup
+from hmoe.clustering import convert, pipeline
 from hmoe.config import from_config_dict
-from hmoe.model import TransformerLM
+from hmoe.model.transformer import TransformerLM
+from hmoe.routing.state import init_routing_state
 from hmoe.testing import dummy_batch, tiny_config
-from hmoe.train import train_and_evaluate
+from hmoe.train.loop import train_and_evaluate
 
 
 def _trained_like_moe(num_experts=8, expert_ff=16):
@@ -45,14 +46,14 @@ def test_one_cluster_full_rank_conversion_reproduces_the_moe_exactly():
 def test_converted_experts_are_the_original_experts_permuted_with_their_router_rows():
   config, params, _ = _trained_like_moe(num_experts=8, expert_ff=16)
   hmoe_model = convert.hmoe_model_config(config.model, num_clusters=4, rank=16)  # Full rank: exact reconstruction.
-  converted, cluster_state, _ = convert.convert_moe_params(params, hmoe_model, jax.random.PRNGKey(3))
-  perm = np.asarray(cluster_state.expert_id[0])
+  converted, routing, _ = convert.convert_moe_params(params, hmoe_model, jax.random.PRNGKey(3))
+  perm = np.asarray(routing.clusters.expert_id[0])
   assert sorted(perm.tolist()) == list(range(8))
   moe, hmoe = params["block_1"]["moe"], converted["block_1"]["hmoe"]
-  weights = regroup.reconstruct_experts(hmoe)
+  weights = pipeline.reconstruct_experts(hmoe)
   for name in ("gate", "up", "down"):
     chex.assert_trees_all_close(weights[name], moe[f"w_{name}"][perm], atol=1e-5)
-  chex.assert_trees_all_close(hmoe["router"].reshape(16, 8), moe["router"]["kernel"][:, perm])
+  chex.assert_trees_all_close(hmoe["router"]["kernel"].reshape(16, 8), moe["router"]["kernel"][:, perm])
   # Everything outside the MoE layer is untouched.
   chex.assert_trees_all_close(converted["block_0"], params["block_0"])
   chex.assert_trees_all_close(converted["embedding"], params["embedding"])
@@ -68,9 +69,9 @@ def test_conversion_error_falls_with_rank_and_stays_below_the_no_residual_error(
   # Base only (no residuals): the error of replacing every expert by its cluster mean. Rank 1 must already beat it.
   moe = params["block_1"]["moe"]
   stacked = jnp.concatenate([moe[f"w_{m}"].reshape(8, -1) for m in ("gate", "up", "down")], axis=1)
-  _, cluster_state, _ = convert.convert_moe_params(
+  _, routing, _ = convert.convert_moe_params(
       params, convert.hmoe_model_config(config.model, num_clusters=2, rank=1), jax.random.PRNGKey(0))
-  grouped = stacked[np.asarray(cluster_state.expert_id[0])].reshape(2, 4, -1)
+  grouped = stacked[np.asarray(routing.clusters.expert_id[0])].reshape(2, 4, -1)
   base_only = jnp.linalg.norm(grouped - grouped.mean(axis=1, keepdims=True)) / jnp.linalg.norm(stacked)
   assert errors[0] < float(base_only)
 
@@ -88,13 +89,66 @@ def test_hmoe_model_config_keeps_the_trunk_and_rejects_models_without_moe_layers
     convert.hmoe_model_config(config.model, num_clusters=3, rank=4)
 
 
-def test_convert_experiment_evaluates_converts_and_finetunes_a_trained_moe_run(wikitext_dir, tmp_path):
+def test_hmoe_model_config_carries_every_shared_routed_field_and_rejects_what_it_cannot_convert():
+  moe = dataclasses.replace(tiny_config().model.moe, router_jitter=0.1, bias_update_rate=0.02, routed_scale=1.5,
+                            detach_aux_input=True, num_groups=2, balance_loss_weight=0.03)
+  config = tiny_config(moe=moe)
+  hmoe = convert.hmoe_model_config(config.model, num_clusters=2, rank=4).hmoe
+  for name in ("router_jitter", "bias_update_rate", "routed_scale", "detach_aux_input", "num_groups",
+               "balance_loss_weight", "capacity_factor", "eval_dropless", "expert_ff"):
+    assert getattr(hmoe, name) == getattr(moe, name), name
+  for field, value in (("dispatch", "einsum"), ("dropless", True)):
+    bad = tiny_config(moe=dataclasses.replace(moe, **{field: value}))
+    with pytest.raises(ValueError, match=f"moe.{field}={value!r}"):
+      convert.hmoe_model_config(bad.model, num_clusters=2, rank=4)
+
+
+def test_biases_move_with_their_experts_and_must_match_the_target_config():
+  config, params, _ = _trained_like_moe(num_experts=8, expert_ff=16)
+  config = dataclasses.replace(config, model=dataclasses.replace(
+      config.model, moe=dataclasses.replace(config.model.moe, bias_update_rate=0.01)))
+  bias = jnp.arange(8.0)[None] * 0.1
+  routing = init_routing_state(config.model).replace(selection_bias=bias)
+  hmoe_model = convert.hmoe_model_config(config.model, num_clusters=4, rank=4)
+  _, converted, _ = convert.convert_moe_params(params, hmoe_model, jax.random.PRNGKey(3), routing_state=routing)
+  np.testing.assert_allclose(converted.selection_bias[0], bias[0][np.asarray(converted.clusters.expert_id[0])])
+  with pytest.raises(ValueError, match="has balancing biases"):
+    convert.convert_moe_params(params, dataclasses.replace(
+        hmoe_model, hmoe=dataclasses.replace(hmoe_model.hmoe, bias_update_rate=0.0)), jax.random.PRNGKey(3),
+        routing_state=routing)
+  with pytest.raises(ValueError, match="has no balancing biases"):
+    convert.convert_moe_params(params, hmoe_model, jax.random.PRNGKey(3))
+
+
+def test_convert_experiment_evaluates_converts_and_finetunes_a_bias_balanced_moe_run(wikitext_dir, tmp_path,
+                                                                                   monkeypatch):
   raw = tiny.get_config().to_dict()
   raw["data"]["data_dir"] = str(wikitext_dir)
+  raw["model"]["moe"]["bias_update_rate"] = 0.05  # Balanced by selection biases: they must reach every evaluation.
   raw["train"].update(num_steps=4, eval_every=4, checkpoint_every=4)
   train_and_evaluate(from_config_dict(raw), tmp_path / "moe")
+  evaluations = []
+  real_evaluate_all = convert_moe._evaluate_all
+
+  def recording_evaluate_all(config, params, routing_state, corpus):
+    results = real_evaluate_all(config, params, routing_state, corpus)
+    # Host copies: the fine-tune later donates the converted state's buffers.
+    evaluations.append((config, jax.device_get(params), jax.device_get(routing_state), corpus, results))
+    return results
+
+  monkeypatch.setattr(convert_moe, "_evaluate_all", recording_evaluate_all)
   summary = convert_moe.run(tmp_path / "moe", tmp_path / "hmoe", members=2, rank=4, finetune_steps=3,
                             finetune_lr=1e-3)
+  (_, _, moe_routing, _, _), (hmoe_config, hmoe_params, hmoe_routing, corpus, converted) = evaluations
+  # Both evaluations used the MoE run's biases: the MoE's as trained, the converted model's permuted with experts.
+  assert float(jnp.max(jnp.abs(moe_routing.selection_bias))) > 0
+  np.testing.assert_allclose(hmoe_routing.selection_bias,
+                             np.take_along_axis(np.asarray(moe_routing.selection_bias),
+                                                np.asarray(hmoe_routing.clusters.expert_id), axis=1))
+  # ...and they matter: without them the converted model scores differently.
+  unbiased = real_evaluate_all(hmoe_config, hmoe_params, hmoe_routing.replace(
+      selection_bias=jnp.zeros_like(hmoe_routing.selection_bias)), corpus)
+  assert unbiased["valid/loss"] != pytest.approx(converted["valid/loss"], rel=1e-6)
   assert summary["moe_step"] == 4
   for stage in ("moe", "converted", "finetuned"):
     assert np.isfinite(summary[stage]["valid/word_perplexity"]), stage

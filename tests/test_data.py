@@ -6,8 +6,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from hmoe import data
-from hmoe import tokenizer as tok_lib
+from hmoe.data import __main__ as data_cli, batching, tokenizer as tok_lib, wikitext as data
 
 # Blank lines, a heading, <unk> and @-@ as in WikiText.
 _SAMPLE = (
@@ -128,7 +127,7 @@ def test_download_wikitext_from_file_url(tmp_path, capsys):
   assert [p.name for p in root.iterdir()] == ["wikitext-2"]  # Temp dir cleaned up.
 
   # The CLI downloads the same way, then reports word counts.
-  data._main(["--download", f"--data_dir={tmp_path / 'cli'}", f"--url={url}"])
+  data_cli._main(["--download", f"--data_dir={tmp_path / 'cli'}", f"--url={url}"])
   assert f"{_SAMPLE_WORDS + 4:,} words" in capsys.readouterr().out
 
 
@@ -229,7 +228,7 @@ def _window_ids(batch: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def test_train_batch_shapes_and_shift():
-  batch = data.train_batch(_STREAM, step=3, batch_size=4, seq_len=_L, seed=0)
+  batch = batching.train_batch(_STREAM, step=3, batch_size=4, seq_len=_L, seed=0)
   assert set(batch) == {"inputs", "targets"}
   for value in batch.values():
     assert value.shape == (4, _L) and value.dtype == np.int32
@@ -240,14 +239,14 @@ def test_train_batch_shapes_and_shift():
 
 
 def test_train_batch_deterministic_and_resumable():
-  run = [data.train_batch(_STREAM, s, 3, _L, seed=7) for s in range(12)]
-  data._epoch_order.cache_clear()  # As in a freshly started process.
+  run = [batching.train_batch(_STREAM, s, 3, _L, seed=7) for s in range(12)]
+  batching._epoch_order.cache_clear()  # As in a freshly started process.
   for step in (0, 5, 11):
-    resumed = data.train_batch(_STREAM, step, 3, _L, seed=7)
+    resumed = batching.train_batch(_STREAM, step, 3, _L, seed=7)
     for key in ("inputs", "targets"):
       np.testing.assert_array_equal(resumed[key], run[step][key])
   assert not np.array_equal(run[0]["inputs"], run[1]["inputs"])
-  assert any(not np.array_equal(data.train_batch(_STREAM, s, 3, _L, seed=8)["inputs"],
+  assert any(not np.array_equal(batching.train_batch(_STREAM, s, 3, _L, seed=8)["inputs"],
                                 run[s]["inputs"]) for s in range(4))
 
 
@@ -255,7 +254,7 @@ def test_train_batch_epochs_visit_every_window_once():
   batch_size = 3  # Does not divide 10 windows: batches straddle epoch boundaries.
   num_steps = -(-3 * _NUM_WINDOWS // batch_size)
   visited = np.concatenate([
-      _window_ids(data.train_batch(_STREAM, s, batch_size, _L, seed=1))
+      _window_ids(batching.train_batch(_STREAM, s, batch_size, _L, seed=1))
       for s in range(num_steps)])
   for epoch in range(3):
     order = visited[epoch * _NUM_WINDOWS:(epoch + 1) * _NUM_WINDOWS]
@@ -267,11 +266,11 @@ def test_train_batch_epochs_visit_every_window_once():
 
 def test_train_batch_rejects_short_split_and_bad_args():
   with pytest.raises(ValueError, match="batch_size=11"):
-    data.train_batch(_STREAM, 0, batch_size=11, seq_len=_L, seed=0)
+    batching.train_batch(_STREAM, 0, batch_size=11, seq_len=_L, seed=0)
   with pytest.raises(ValueError, match="step"):
-    data.train_batch(_STREAM, -1, batch_size=2, seq_len=_L, seed=0)
+    batching.train_batch(_STREAM, -1, batch_size=2, seq_len=_L, seed=0)
   with pytest.raises(ValueError, match="1-D"):
-    data.train_batch(_STREAM.reshape(5, 17), 0, batch_size=1, seq_len=_L, seed=0)
+    batching.train_batch(_STREAM.reshape(5, 17), 0, batch_size=1, seq_len=_L, seed=0)
 
 
 # ----------------------------------------------------------------------------
@@ -285,8 +284,8 @@ def test_train_batch_rejects_short_split_and_bad_args():
 def test_eval_batches_cover_every_token_once(num_tokens, batch_size, seq_len):
   eos = 0
   tokens = np.arange(1, num_tokens + 1, dtype=np.int32)  # Never equal to eos.
-  batches = list(data.eval_batches(tokens, batch_size, seq_len, eos_id=eos))
-  assert len(batches) == data.num_eval_batches(num_tokens, batch_size, seq_len)
+  batches = list(batching.eval_batches(tokens, batch_size, seq_len, eos_id=eos))
+  assert len(batches) == batching.num_eval_batches(num_tokens, batch_size, seq_len)
   for batch in batches:
     assert set(batch) == {"inputs", "targets", "weights"}
     for key, dtype in (("inputs", np.int32), ("targets", np.int32), ("weights", np.float32)):
@@ -309,10 +308,10 @@ def test_eval_batches_cover_every_token_once(num_tokens, batch_size, seq_len):
 
 def test_eval_batches_real_split_weight_sum(tok, split_file):
   tokens = data.load_split(tok, split_file).tokens
-  batches = data.eval_batches(tokens, batch_size=3, seq_len=32, eos_id=tok.eos_id)
+  batches = batching.eval_batches(tokens, batch_size=3, seq_len=32, eos_id=tok.eos_id)
   assert sum(b["weights"].sum() for b in batches) == len(tokens)
 
 
 def test_eval_batches_rejects_empty():
   with pytest.raises(ValueError, match="empty"):
-    data.eval_batches(np.zeros(0, np.int32), 2, 4, eos_id=1)  # Raises before iterating.
+    batching.eval_batches(np.zeros(0, np.int32), 2, 4, eos_id=1)  # Raises before iterating.

@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hmoe import dispatch
 from hmoe.config import HMoEConfig
-from hmoe.hierarchical import HMoEFeedForward
-from hmoe.routing import hierarchical_routing
+from hmoe.model.hierarchical import HMoEFeedForward
+from hmoe.routing import dispatch
+from hmoe.routing.routers import hierarchical_routing
 
 _D, _F = 8, 16
 
@@ -36,7 +36,7 @@ def _decisions(params, x_GxTxD, cfg: HMoEConfig, capacity: int):
   """Concrete routing choices and kept masks per group (piecewise constant, so they carry no gradient)."""
   decisions = []
   for x_TxD in x_GxTxD:
-    route = hierarchical_routing(jnp.einsum("td,dgm->tgm", x_TxD, params["params"]["router"]),
+    route = hierarchical_routing(jnp.einsum("td,dgm->tgm", x_TxD, params["params"]["router"]["kernel"]),
                                  cfg.top_k_clusters, cfg.top_k_experts)
     kept = _kept_clusters(np.asarray(route.cluster_index), cfg.num_clusters, capacity)
     decisions.append((np.asarray(route.cluster_index), np.asarray(route.member_index), kept))
@@ -48,7 +48,7 @@ def _oracle(params, x_GxTxD, cfg: HMoEConfig, decisions):
   p = params["params"]
   outputs = []
   for x_TxD, (cluster_index, member_index, kept) in zip(x_GxTxD, decisions):
-    gates = hierarchical_routing(jnp.einsum("td,dgm->tgm", x_TxD, p["router"]), cfg.top_k_clusters,
+    gates = hierarchical_routing(jnp.einsum("td,dgm->tgm", x_TxD, p["router"]["kernel"]), cfg.top_k_clusters,
                                  cfg.top_k_experts).gates
     rows = []
     for t in range(x_TxD.shape[0]):
@@ -76,7 +76,7 @@ def test_layer_matches_per_token_loop_with_reconstructed_weights(top_k_clusters,
   layer = HMoEFeedForward(cfg)
   x_BxLxD = jax.random.normal(jax.random.PRNGKey(0), (2, 10, _D))
   params = nn.meta.unbox(layer.init(jax.random.PRNGKey(1), x_BxLxD, train=True))
-  params["params"]["router"] = params["params"]["router"] * 100.0  # Decisive routing: no near-ties.
+  params["params"]["router"]["kernel"] = params["params"]["router"]["kernel"] * 100.0  # Decisive routing: no near-ties.
   num_tokens = 10
   capacity = dispatch.expert_capacity(num_tokens, 4, top_k_clusters, capacity_factor) if train else num_tokens
 

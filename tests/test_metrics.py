@@ -5,10 +5,12 @@ import functools
 import jax
 import numpy as np
 
-from hmoe import step as step_lib
-from hmoe.metrics import MetricsWriter, load_balance, parameter_counts, read_metrics, regroup_recovery
-from hmoe.model import TransformerLM
+from experiments.analysis import regroup_recovery
+from hmoe.model.param_counts import parameter_counts
+from hmoe.model.transformer import TransformerLM
 from hmoe.testing import tiny_config
+from hmoe.train import optimizer as optimizer_lib, state as state_lib
+from hmoe.train.metrics import MetricsWriter, load_balance, read_metrics
 
 
 def test_load_balance_extremes():
@@ -21,8 +23,8 @@ def test_load_balance_extremes():
 
 def test_parameter_counts_match_hand_count():
   config = tiny_config()
-  model, optimizer = TransformerLM(config.model), step_lib.make_optimizer(config.train)
-  state = jax.eval_shape(functools.partial(step_lib.init_train_state, model, optimizer, config))
+  model, optimizer = TransformerLM(config.model), optimizer_lib.make_optimizer(config.train)
+  state = jax.eval_shape(functools.partial(state_lib.init_train_state, model, optimizer, config))
   counts = parameter_counts(state.params, config.model)
   d, v, f, e, expert_f = 32, 64, 64, 4, 32
   attention = d * 3 * d + d * d

@@ -9,11 +9,11 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from hmoe import step as step_lib
-from hmoe.layers import CausalSelfAttention, DenseFeedForward, RMSNorm
-from hmoe.metrics import parameter_counts
-from hmoe.model import Block, TransformerLM, cross_entropy
+from hmoe.model.layers import CausalSelfAttention, DenseFeedForward, RMSNorm
+from hmoe.model.param_counts import parameter_counts
+from hmoe.model.transformer import Block, TransformerLM, cross_entropy
 from hmoe.testing import dummy_batch, tiny_config
+from hmoe.train import optimizer as optimizer_lib, state as state_lib, step as step_lib
 
 
 def _init(config):
@@ -82,8 +82,8 @@ _GOLDEN_LOSS_AFTER = 3.840160  # After two updates on the same batch.
 
 def test_one_step_golden_regression():
   config = tiny_config()
-  model, optimizer = TransformerLM(config.model), step_lib.make_optimizer(config.train)
-  state = step_lib.init_train_state(model, optimizer, config)
+  model, optimizer = TransformerLM(config.model), optimizer_lib.make_optimizer(config.train)
+  state = state_lib.init_train_state(model, optimizer, config)
   batch = dummy_batch(config)
   train_fn = jax.jit(functools.partial(step_lib.train_step, model=model, optimizer=optimizer, config=config))
   losses, grad_norms = [], []
@@ -140,8 +140,8 @@ def test_dropout_is_training_only_and_keyed_by_the_step_rng():
 
   # Through the train step: the loss differs from the dropout-free model's and repeats exactly from the same state.
   def first_losses(cfg):
-    lm, optimizer = TransformerLM(cfg.model), step_lib.make_optimizer(cfg.train)
-    state = step_lib.init_train_state(lm, optimizer, cfg)
+    lm, optimizer = TransformerLM(cfg.model), optimizer_lib.make_optimizer(cfg.train)
+    state = state_lib.init_train_state(lm, optimizer, cfg)
     train_fn = jax.jit(functools.partial(step_lib.train_step, model=lm, optimizer=optimizer, config=cfg))
     return [float(train_fn(state, batch)[1]["ce_loss"]) for _ in range(2)]
 

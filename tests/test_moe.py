@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hmoe import dispatch
 from hmoe.config import MoEConfig
-from hmoe.moe import MoEFeedForward
-from hmoe.routing import top_k_routing
+from hmoe.model.moe import MoEFeedForward
+from hmoe.routing import dispatch
+from hmoe.routing.routers import top_k_routing
 
 _D, _F = 8, 16
 

@@ -1,6 +1,6 @@
-"""Regrouping: identity when not adopted, consistent permutation of params/moments/stats, SVD re-init error."""
+"""Regrouping: identity when not adopted, consistent permutation of params/moments/stats, SVD re-init error,
+several layers with mixed adoption, and expert identities composed over two regroups."""
 
-import dataclasses
 import functools
 
 import chex
@@ -9,77 +9,92 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hmoe import regroup, step as step_lib
+from hmoe.clustering import pipeline, regroup
+from hmoe.clustering.state import init_cluster_state, update_statistics
 from hmoe.config import HMoEConfig
-from hmoe.model import TransformerLM
+from hmoe.model.transformer import TransformerLM
 from hmoe.testing import dummy_batch, tiny_config
+from hmoe.train import optimizer as optimizer_lib, state as state_lib, step as step_lib
+
+_E, _D = 8, 8
+_RESET = [f"{kind}_{name}" for kind in ("base", "u", "v") for name in ("gate", "up", "down")]
 
 
-@functools.lru_cache(maxsize=None)
-def _setup(rank=3, min_gain=0.01):
-  hmoe_cfg = HMoEConfig(num_experts=8, num_clusters=2, rank=rank, top_k_clusters=1, top_k_experts=2, expert_ff=16,
-                        block_size=4, min_gain=min_gain, recluster_every=1, kmeans_iters=5)
-  config = tiny_config(d_model=8, num_heads=2, ffn_pattern="dense,hmoe", hmoe=hmoe_cfg)
-  model, optimizer = TransformerLM(config.model), step_lib.make_optimizer(config.train)
-  state = step_lib.init_train_state(model, optimizer, config)
+@functools.cache
+def _setup(rank=3, min_gain=0.01, alpha=0.6):
+  """Two HMoE layers (G=2 x M=4) after two real train steps, with planted activation centroids.
+
+  Layer 0's centroids pair even and odd experts (across the initial clusters {0..3}, {4..7}); layer 1's repeat the
+  initial grouping, so with activation-only similarity layer 0 gains and layer 1 does not.
+  """
+  hmoe_cfg = HMoEConfig(num_experts=_E, num_clusters=2, rank=rank, top_k_clusters=1, top_k_experts=2, expert_ff=16,
+                        block_size=4, min_gain=min_gain, recluster_every=1, kmeans_iters=5, similarity_alpha=alpha,
+                        bias_update_rate=0.01)
+  config = tiny_config(d_model=_D, num_heads=2, ffn_pattern="hmoe", hmoe=hmoe_cfg)
+  model, optimizer = TransformerLM(config.model), optimizer_lib.make_optimizer(config.train)
+  state = state_lib.init_train_state(model, optimizer, config)
   train_fn = jax.jit(functools.partial(step_lib.train_step, model=model, optimizer=optimizer, config=config))
   for i in range(2):  # Non-trivial moments, then non-zero learning rate updates.
     state, _ = train_fn(state, dummy_batch(config, i))
-  cluster_state = regroup.init_cluster_state(config.model)
-  # Plant activation centroids that pair even and odd experts, across the initial clusters {0..3} and {4..7}.
-  direction = jax.random.normal(jax.random.PRNGKey(0), (8,))
-  parity = jnp.where(jnp.arange(8) % 2 == 0, 1.0, -1.0)
-  noise = 0.1 * jax.random.normal(jax.random.PRNGKey(1), cluster_state.centroid.shape)
-  centroids = parity[None, :, None] * direction[None, None, :] + noise
-  bias = jax.random.normal(jax.random.PRNGKey(2), cluster_state.selection_bias.shape)
-  cluster_state = cluster_state.replace(centroid=centroids, token_count=jnp.ones_like(cluster_state.token_count),
-                                        selection_bias=bias)
+  direction = jax.random.normal(jax.random.PRNGKey(0), (_D,))
+  parity = jnp.where(jnp.arange(_E) % 2 == 0, 1.0, -1.0)
+  halves = jnp.where(jnp.arange(_E) < _E // 2, 1.0, -1.0)
+  noise = 0.1 * jax.random.normal(jax.random.PRNGKey(1), (2, _E, _D))
+  centroids = jnp.stack([parity, halves])[:, :, None] * direction[None, None, :] + noise
+  clusters = init_cluster_state(2, _E, _D).replace(centroid=centroids, token_count=jnp.ones((2, _E)))
+  routing = state.routing_state.replace(clusters=clusters,
+                                        selection_bias=jax.random.normal(jax.random.PRNGKey(2), (2, _E)))
   fn = jax.jit(functools.partial(regroup.recluster, config=config.model, optimizer=optimizer))
-  return config, state, cluster_state, fn
+  return config, state, routing, fn
 
 
 def _adam_moments(opt_state):
   return opt_state[1][0].mu, opt_state[1][0].nu
 
 
+def _router(tree):
+  return np.asarray(tree["router"]["kernel"]).reshape(_D, _E)
+
+
 def test_not_adopted_is_identity():
-  _, state, cluster_state, fn = _setup(min_gain=1e9)
-  params, opt_state, new_cluster = fn(state.params, state.opt_state, cluster_state, jnp.asarray(7))
+  _, state, routing, fn = _setup(min_gain=1e9)
+  params, opt_state, new_routing = fn(state.params, state.opt_state, routing, jnp.asarray(7))
   chex.assert_trees_all_close(params, state.params, atol=0, rtol=0)
   chex.assert_trees_all_close(opt_state, state.opt_state, atol=0, rtol=0)
-  assert not bool(new_cluster.adopted[0]) and float(new_cluster.stability[0]) == 0.0
-  chex.assert_trees_all_close(new_cluster.centroid, cluster_state.centroid, atol=0, rtol=0)
+  new_cluster = new_routing.clusters
+  assert not np.any(new_cluster.adopted) and np.all(new_cluster.stability == 0.0)
+  chex.assert_trees_all_close(new_cluster.centroid, routing.clusters.centroid, atol=0, rtol=0)
+  chex.assert_trees_all_close(new_routing.selection_bias, routing.selection_bias, atol=0, rtol=0)
   assert int(new_cluster.last_regroup_step) == 7 and int(new_cluster.num_regroups) == 1
   assert float(jnp.sum(new_cluster.token_count)) == 0.0  # A new statistics window starts.
 
 
 @pytest.mark.parametrize("rank", [8, 3])
 def test_adopted_regroup_permutes_consistently_and_preserves_experts(rank):
-  config, state, cluster_state, fn = _setup(rank=rank, min_gain=-1.0)  # Always adopt.
-  old = state.params["block_1"]["hmoe"]
-  old_weights = regroup.reconstruct_experts(old)
-  params, opt_state, new_cluster = fn(state.params, state.opt_state, cluster_state, jnp.asarray(3))
-  new = params["block_1"]["hmoe"]
-  new_weights = regroup.reconstruct_experts(new)
-  assert bool(new_cluster.adopted[0])
+  _, state, routing, fn = _setup(rank=rank, min_gain=-1.0)  # Always adopt, both layers.
+  params, opt_state, new_routing = fn(state.params, state.opt_state, routing, jnp.asarray(3))
+  new_cluster = new_routing.clusters
+  assert np.all(new_cluster.adopted)
   perm = np.asarray(new_cluster.expert_id[0])  # Initial ids = old positions here (first regroup).
-  np.testing.assert_array_equal(np.sort(perm), np.arange(8))
+  np.testing.assert_array_equal(np.sort(perm), np.arange(_E))
   assert float(new_cluster.stability[0]) == 1.0  # The planted parity grouping replaced the initial one.
   np.testing.assert_array_equal(np.sort(perm[:4] % 2), [0, 0, 0, 0])
 
-  # Router columns, centroids and router moments follow their experts.
-  np.testing.assert_allclose(np.asarray(new["router"]).reshape(8, 8), np.asarray(old["router"]).reshape(8, 8)[:, perm])
-  np.testing.assert_allclose(new_cluster.centroid[0], cluster_state.centroid[0][perm])
-  np.testing.assert_allclose(new_cluster.selection_bias[0], cluster_state.selection_bias[0][perm])
+  old, new = state.params["block_0"]["hmoe"], params["block_0"]["hmoe"]
+  # Router columns, centroids, balancing biases and router moments follow their experts.
+  np.testing.assert_allclose(_router(new), _router(old)[:, perm])
+  np.testing.assert_allclose(new_cluster.centroid[0], routing.clusters.centroid[0][perm])
+  np.testing.assert_allclose(new_routing.selection_bias[0], routing.selection_bias[0][perm])
   for new_moments, old_moments in zip(_adam_moments(opt_state), _adam_moments(state.opt_state)):
-    new_m, old_m = new_moments["block_1"]["hmoe"], old_moments["block_1"]["hmoe"]
-    np.testing.assert_allclose(np.asarray(new_m["router"]).reshape(8, 8),
-                               np.asarray(old_m["router"]).reshape(8, 8)[:, perm])
-    for name in ("base_gate", "u_up", "v_down"):
-      assert float(jnp.max(jnp.abs(new_m[name]))) == 0.0  # Re-initialised tensors restart their moments.
-    chex.assert_trees_all_close(new_moments["block_0"], old_moments["block_0"])  # Other layers untouched.
-  chex.assert_trees_all_close(params["block_0"], state.params["block_0"])
+    new_m, old_m = new_moments["block_0"]["hmoe"], old_moments["block_0"]["hmoe"]
+    np.testing.assert_allclose(_router(new_m), _router(old_m)[:, perm])
+    assert float(jnp.max(jnp.abs(old_m["u_gate"]))) > 0  # There was something to reset.
+    for name in _RESET:  # All nine re-initialised tensors restart their moments.
+      assert float(jnp.max(jnp.abs(new_m[name]))) == 0.0, name
+    chex.assert_trees_all_close(new_moments["block_0"]["attention"], old_moments["block_0"]["attention"])
+  chex.assert_trees_all_close(params["block_0"]["attention"], state.params["block_0"]["attention"])
 
+  old_weights, new_weights = pipeline.reconstruct_experts(old), pipeline.reconstruct_experts(new)
   for name in ("gate", "up", "down"):
     moved = np.asarray(old_weights[name])[perm]  # Each expert's weights, in its new position.
     base = np.asarray(new[f"base_{name}"])
@@ -91,35 +106,56 @@ def test_adopted_regroup_permutes_consistently_and_preserves_experts(rank):
     np.testing.assert_allclose(error, expected, atol=1e-4, rtol=1e-3)
 
 
-def test_recluster_is_deterministic_and_compiles_once():
-  config, state, cluster_state, _ = _setup(min_gain=-1.0)
-  optimizer = step_lib.make_optimizer(config.train)
+def test_layers_decide_separately_and_identities_compose_over_two_regroups():
+  _, state, routing, fn = _setup(min_gain=0.1, alpha=0.0)  # Activation similarity only.
+  params, opt_state, first = fn(state.params, state.opt_state, routing, jnp.asarray(4))
+  # Layer 0's planted parity grouping is a real gain; layer 1's planted grouping is the current one.
+  np.testing.assert_array_equal(np.asarray(first.clusters.adopted), [True, False])
+  assert float(first.clusters.similarity_gain[0]) > 0.1 >= float(first.clusters.similarity_gain[1])
+  chex.assert_trees_all_close(params["block_1"], state.params["block_1"], atol=0, rtol=0)
+  perm1 = np.asarray(first.clusters.expert_id[0])
+  np.testing.assert_array_equal(first.clusters.expert_id[1], np.arange(_E))
+  assert not np.array_equal(perm1, np.arange(_E))
+
+  # Second regroup: plant, in the new positions, a grouping that pairs positions {0, 1, 4, 5} and {2, 3, 6, 7}.
+  direction = jax.random.normal(jax.random.PRNGKey(5), (_D,))
+  sign = jnp.where((jnp.arange(_E) // 2) % 2 == 0, 1.0, -1.0)
+  distinct = 0.05 * jax.random.normal(jax.random.PRNGKey(6), (_E, _D))  # Tells the rows apart after the move.
+  planted = first.clusters.centroid.at[0].set(sign[:, None] * direction[None, :] + distinct)
+  second_in = first.replace(clusters=first.clusters.replace(centroid=planted, token_count=jnp.ones((2, _E))))
+  _, _, second = fn(params, opt_state, second_in, jnp.asarray(8))
+  assert bool(second.clusters.adopted[0]) and int(second.clusters.num_regroups) == 2
+  perm2 = np.asarray(second.clusters.centroid[0] @ direction > 0)  # Which new positions hold the "+" experts.
+  np.testing.assert_array_equal(perm2, [True] * 4 + [False] * 4)
+  # Identities compose: position p now holds what position perm2[p] held, which was expert perm1[perm2[p]].
+  moved_from = np.asarray([int(np.flatnonzero(np.all(np.isclose(planted[0], row), axis=-1))[0])
+                           for row in np.asarray(second.clusters.centroid[0])])
+  np.testing.assert_array_equal(second.clusters.expert_id[0], perm1[moved_from])
+  np.testing.assert_allclose(second.selection_bias[0], first.selection_bias[0][moved_from])
+
+
+def test_recluster_compiles_once_and_its_seed_follows_the_step():
+  config, state, routing, _ = _setup(min_gain=-1.0)
+  optimizer = optimizer_lib.make_optimizer(config.train)
   traced = chex.assert_max_traces(regroup.recluster, n=1)
   fn = jax.jit(functools.partial(traced, config=config.model, optimizer=optimizer))
-  first = fn(state.params, state.opt_state, cluster_state, jnp.asarray(5))
-  second = fn(state.params, state.opt_state, cluster_state, jnp.asarray(5))
-  chex.assert_trees_all_close(first, second, atol=0, rtol=0)
+  first = fn(state.params, state.opt_state, routing, jnp.asarray(5))
   fn(first[0], first[1], first[2], jnp.asarray(10))  # A later regroup reuses the compiled function.
+  # The k-means seeding key is fold_in(kmeans_seed, step): on near-random features, steps give different groupings.
+  flat = routing.replace(clusters=routing.clusters.replace(
+      centroid=jax.random.normal(jax.random.PRNGKey(9), routing.clusters.centroid.shape)))
+  groupings = {tuple(np.asarray(fn(state.params, state.opt_state, flat, jnp.asarray(s))[2].clusters.expert_id[0]))
+               for s in range(6)}
+  assert len(groupings) > 1
 
 
 def test_statistics_update_is_an_ema_that_ignores_idle_experts():
-  config = tiny_config(ffn_pattern="hmoe", hmoe=HMoEConfig(num_experts=4, num_clusters=2, expert_ff=16, rank=2))
-  state = regroup.init_cluster_state(config.model)
+  state = init_cluster_state(2, 4, 32)
   counts = jnp.array([[2.0, 0.0, 1.0, 1.0]] * 2)
   sums = jnp.ones((2, 4, 32)) * counts[..., None] * 3.0  # Mean input 3.0 for experts that got tokens.
-  state = regroup.update_statistics(state, counts, sums, beta=0.5)
+  state = update_statistics(state, counts, sums, beta=0.5)
   np.testing.assert_allclose(state.centroid[:, 0], 3.0)  # First batch initialises.
   np.testing.assert_allclose(state.centroid[:, 1], 0.0)  # Idle expert: unchanged.
-  state = regroup.update_statistics(state, counts, sums * 0.0, beta=0.5)
+  state = update_statistics(state, counts, sums * 0.0, beta=0.5)
   np.testing.assert_allclose(state.centroid[:, 0], 1.5)  # Then (1 - beta) * 3 + beta * 0.
   np.testing.assert_allclose(state.token_count[0], [4.0, 0.0, 2.0, 2.0])
-  assert dataclasses.is_dataclass(state)
-
-
-def test_selection_bias_moves_against_load_error():
-  config = tiny_config(ffn_pattern="hmoe", hmoe=HMoEConfig(num_experts=4, num_clusters=2, expert_ff=16, rank=2))
-  state = regroup.init_cluster_state(config.model)
-  counts = jnp.array([[10.0, 2.0, 2.0, 2.0]] * 2)  # Two HMoE layers; expert 0 is overloaded (mean load 4).
-  state = regroup.update_selection_bias(state, counts, rate=0.1)
-  np.testing.assert_allclose(state.selection_bias[0], [-0.1, 0.1, 0.1, 0.1], atol=1e-7)
-  chex.assert_shape(state.selection_bias_LxGxM(2), (2, 2, 2))

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hmoe.routing import (Router, hierarchical_routing, load_balancing_loss, router_z_loss, top_k_routing,
-                          update_balancing_bias)
+from hmoe.routing.losses import load_balancing_loss, router_z_loss, update_balancing_bias
+from hmoe.routing.routers import Router, hierarchical_routing, top_k_routing
 
 
 def test_gates_sum_to_one_and_experts_are_distinct():

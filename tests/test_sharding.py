@@ -10,18 +10,19 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from experiments.configs import pod
-from hmoe import sharding, step as step_lib
 from hmoe.config import MoEConfig, from_config_dict
-from hmoe.metrics import parameter_counts
-from hmoe.model import TransformerLM
+from hmoe.model.param_counts import parameter_counts
+from hmoe.model.transformer import TransformerLM
+from hmoe.parallel import sharding
 from hmoe.testing import dummy_batch, tiny_config
+from hmoe.train import optimizer as optimizer_lib, state as state_lib, step as step_lib
 
 
 def _state_and_step(config, mesh):
-  model, optimizer = TransformerLM(config.model), step_lib.make_optimizer(config.train)
-  abstract_boxed = jax.eval_shape(functools.partial(step_lib.init_boxed_train_state, model, optimizer, config))
+  model, optimizer = TransformerLM(config.model), optimizer_lib.make_optimizer(config.train)
+  abstract_boxed = jax.eval_shape(functools.partial(state_lib.init_boxed_train_state, model, optimizer, config))
   state_sharding = sharding.logical_shardings(abstract_boxed, mesh)
-  init = jax.jit(functools.partial(step_lib.init_train_state, model, optimizer, config), out_shardings=state_sharding)
+  init = jax.jit(functools.partial(state_lib.init_train_state, model, optimizer, config), out_shardings=state_sharding)
   train_fn = jax.jit(functools.partial(step_lib.train_step, model=model, optimizer=optimizer, config=config),
                      in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
                      out_shardings=(state_sharding, None))
@@ -63,13 +64,13 @@ def test_sharded_train_step_matches_single_device(mesh_shape):
 
 def test_pod_config_shapes_without_memory():
   config = from_config_dict(pod.get_config())
-  model, optimizer = TransformerLM(config.model), step_lib.make_optimizer(config.train)
-  abstract = jax.eval_shape(functools.partial(step_lib.init_train_state, model, optimizer, config))
+  model, optimizer = TransformerLM(config.model), optimizer_lib.make_optimizer(config.train)
+  abstract = jax.eval_shape(functools.partial(state_lib.init_train_state, model, optimizer, config))
   counts = parameter_counts(abstract.params, config.model)
   assert 6.9e9 < counts["params_total"] < 7.1e9, counts
   assert 0.55e9 < counts["params_active"] < 0.6e9, counts
   chex.assert_shape(abstract.params["block_1"]["moe"]["w_down"], (64, 2816, 1024))
-  abstract_boxed = jax.eval_shape(functools.partial(step_lib.init_boxed_train_state, model, optimizer, config))
+  abstract_boxed = jax.eval_shape(functools.partial(state_lib.init_boxed_train_state, model, optimizer, config))
   mesh = sharding.make_mesh((1, 8, 1))
   shardings = sharding.logical_shardings(abstract_boxed, mesh)
   assert shardings.params["block_1"]["moe"]["w_down"].spec == PartitionSpec("expert", "model", None)
@@ -78,12 +79,12 @@ def test_pod_config_shapes_without_memory():
 
 def test_pod_hmoe_config_shapes_counts_and_cluster_sharding_without_memory():
   config = from_config_dict(pod.get_config("hmoe"))
-  model, optimizer = TransformerLM(config.model), step_lib.make_optimizer(config.train)
-  abstract = jax.eval_shape(functools.partial(step_lib.init_train_state, model, optimizer, config))
+  model, optimizer = TransformerLM(config.model), optimizer_lib.make_optimizer(config.train)
+  abstract = jax.eval_shape(functools.partial(state_lib.init_train_state, model, optimizer, config))
   counts = parameter_counts(abstract.params, config.model)
   moe_config = from_config_dict(pod.get_config("moe"))
-  moe_abstract = jax.eval_shape(functools.partial(step_lib.init_train_state, TransformerLM(moe_config.model),
-                                                  step_lib.make_optimizer(moe_config.train), moe_config))
+  moe_abstract = jax.eval_shape(functools.partial(state_lib.init_train_state, TransformerLM(moe_config.model),
+                                                  optimizer_lib.make_optimizer(moe_config.train), moe_config))
   moe_counts = parameter_counts(moe_abstract.params, moe_config.model)
   # Per HMoE layer: G full bases + E rank-R factor pairs instead of E full experts:
   # expert params = 3 (G D F + E R (D + F)) = 3 (16*1024*2816 + 64*64*3840) over 12 layers.
@@ -94,10 +95,10 @@ def test_pod_hmoe_config_shapes_counts_and_cluster_sharding_without_memory():
   assert moe_counts["params_total"] - counts["params_total"] == moe_counts["params_expert"] - counts["params_expert"]
   chex.assert_shape(abstract.params["block_1"]["hmoe"]["base_down"], (16, 2816, 1024))
   chex.assert_shape(abstract.params["block_1"]["hmoe"]["u_gate"], (16, 4, 1024, 64))
-  chex.assert_shape(abstract.cluster_state.centroid, (12, 64, 1024))
-  abstract_boxed = jax.eval_shape(functools.partial(step_lib.init_boxed_train_state, model, optimizer, config))
+  chex.assert_shape(abstract.routing_state.clusters.centroid, (12, 64, 1024))
+  abstract_boxed = jax.eval_shape(functools.partial(state_lib.init_boxed_train_state, model, optimizer, config))
   shardings = sharding.logical_shardings(abstract_boxed, sharding.make_mesh((1, 8, 1)))
   hmoe_shardings = shardings.params["block_1"]["hmoe"]
   assert hmoe_shardings["base_gate"].spec == PartitionSpec("expert", None, "model")
   assert hmoe_shardings["v_up"].spec == PartitionSpec("expert", None, None, "model")
-  assert hmoe_shardings["router"].spec == PartitionSpec(None, "expert", None)
+  assert hmoe_shardings["router"]["kernel"].spec == PartitionSpec(None, "expert", None)

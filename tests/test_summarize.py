@@ -4,8 +4,7 @@ import math
 
 import pytest
 
-from experiments import summarize
-from hmoe import metrics
+from experiments import analysis, summarize
 
 
 def test_run_summary_takes_the_last_evaluation_and_averages_the_training_tail():
@@ -17,7 +16,7 @@ def test_run_summary_takes_the_last_evaluation_and_averages_the_training_tail():
   assert math.isclose(summary["train_ce"], 3.5)  # The last two rows that log it, not the step-500 one.
   assert math.isclose(summary["load_cv"], 0.7)  # Dense runs log no load CV; MoE runs do on every window.
   assert summarize.run_summary([{"step": 1, "train/loss": 5.0}], tail_logs=2) == {}
-  assert metrics.final_word_perplexities(rows) == {"valid": 250.0, "test": 240.0}
+  assert analysis.final_word_perplexities(rows) == {"valid": 250.0, "test": 240.0}
 
 
 @pytest.mark.parametrize("name, expected", [("dense", ("dense", 0)), ("dense_d01_s2", ("dense_d01", 2)),

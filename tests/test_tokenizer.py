@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import tokenizers
 
-from hmoe import data
-from hmoe import tokenizer as tok_lib
+from hmoe.data import tokenizer as tok_lib, wikitext as data
 
 _WORDS = (
     "the of and in to was a is for on as with by he that at from his it an were "

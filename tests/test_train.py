@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 
 from experiments.configs import tiny
-from hmoe import checkpoint, data, metrics, step as step_lib
 from hmoe.config import MoEConfig, from_config_dict
-from hmoe.model import TransformerLM
-from hmoe.routing import update_balancing_bias
+from hmoe.data import batching, wikitext as data
+from hmoe.model.transformer import TransformerLM
+from hmoe.routing.losses import update_balancing_bias
 from hmoe.testing import dummy_batch, tiny_config
-from hmoe.train import train_and_evaluate
+from hmoe.train import checkpoint, metrics, optimizer as optimizer_lib, state as state_lib, step as step_lib
+from hmoe.train.loop import train_and_evaluate
+
 
 def _config(data_dir, moe_overrides=None, **train_overrides):
   raw = tiny.get_config().to_dict()
@@ -27,15 +29,15 @@ def _config(data_dir, moe_overrides=None, **train_overrides):
 
 
 def _restore_final(workdir: pathlib.Path, config):
-  model, optimizer = TransformerLM(config.model), step_lib.make_optimizer(config.train)
-  abstract = jax.eval_shape(functools.partial(step_lib.init_train_state, model, optimizer, config))
+  model, optimizer = TransformerLM(config.model), optimizer_lib.make_optimizer(config.train)
+  abstract = jax.eval_shape(functools.partial(state_lib.init_train_state, model, optimizer, config))
   return checkpoint.Checkpointer(workdir / "checkpoints").restore(abstract)
 
 
 def test_train_step_compiles_once():
   config = tiny_config()
-  model, optimizer = TransformerLM(config.model), step_lib.make_optimizer(config.train)
-  state = step_lib.init_train_state(model, optimizer, config)
+  model, optimizer = TransformerLM(config.model), optimizer_lib.make_optimizer(config.train)
+  state = state_lib.init_train_state(model, optimizer, config)
   traced = chex.assert_max_traces(step_lib.train_step, n=1)
   train_fn = jax.jit(functools.partial(traced, model=model, optimizer=optimizer, config=config), donate_argnums=0)
   losses = []
@@ -73,17 +75,17 @@ def test_interrupted_run_resumes_exactly(wikitext_dir, tmp_path, monkeypatch):
   config = _config(wikitext_dir, dict(bias_update_rate=0.01), num_steps=6, checkpoint_every=2, keep_checkpoints=2)
   train_and_evaluate(config, tmp_path / "straight")
 
-  real_train_batch = data.train_batch
+  real_train_batch = batching.train_batch
 
   def crash_at_step_5(tokens, step, *args):
     if step == 5:
       raise KeyboardInterrupt("simulated kill")
     return real_train_batch(tokens, step, *args)
 
-  monkeypatch.setattr(data, "train_batch", crash_at_step_5)
+  monkeypatch.setattr(batching, "train_batch", crash_at_step_5)
   with pytest.raises(KeyboardInterrupt):
     train_and_evaluate(config, tmp_path / "resumed")
-  monkeypatch.setattr(data, "train_batch", real_train_batch)
+  monkeypatch.setattr(batching, "train_batch", real_train_batch)
   assert checkpoint.Checkpointer(tmp_path / "resumed" / "checkpoints").latest_step() == 4
   train_and_evaluate(config, tmp_path / "resumed")
 
@@ -92,8 +94,8 @@ def test_interrupted_run_resumes_exactly(wikitext_dir, tmp_path, monkeypatch):
   assert step_a == step_b == 6
   chex.assert_trees_all_close(state_a.params, state_b.params, atol=1e-6, rtol=1e-6)
   chex.assert_trees_all_close(state_a.opt_state, state_b.opt_state, atol=1e-6, rtol=1e-6)
-  assert float(jnp.max(jnp.abs(state_a.moe_selection_bias))) > 0
-  chex.assert_trees_all_close(state_a.moe_selection_bias, state_b.moe_selection_bias, atol=1e-7)
+  assert float(jnp.max(jnp.abs(state_a.routing_state.selection_bias))) > 0
+  chex.assert_trees_all_close(state_a.routing_state.selection_bias, state_b.routing_state.selection_bias, atol=1e-7)
 
 
 def test_nan_loss_stops_with_usable_checkpoint(wikitext_dir, tmp_path):
@@ -108,28 +110,28 @@ def test_nan_loss_stops_with_usable_checkpoint(wikitext_dir, tmp_path):
 
 def test_moe_selection_bias_steers_routing_and_moves_against_load():
   config = tiny_config(moe=MoEConfig(num_experts=4, top_k=2, expert_ff=32, bias_update_rate=0.01))
-  model, optimizer = TransformerLM(config.model), step_lib.make_optimizer(config.train)
-  state = step_lib.init_train_state(model, optimizer, config)
-  chex.assert_shape(state.moe_selection_bias, (1, 4))  # One standard MoE layer ("dense,moe").
+  model, optimizer = TransformerLM(config.model), optimizer_lib.make_optimizer(config.train)
+  state = state_lib.init_train_state(model, optimizer, config)
+  chex.assert_shape(state.routing_state.selection_bias, (1, 4))  # One standard MoE layer ("dense,moe").
   # A large bias on expert 3 puts it among every token's two choices: the bias reaches the router.
-  state = state.replace(moe_selection_bias=jnp.array([[0.0, 0.0, 0.0, 10.0]]))
+  state = state.replace(routing_state=state.routing_state.replace(selection_bias=jnp.array([[0.0, 0.0, 0.0, 10.0]])))
   train_fn = jax.jit(functools.partial(step_lib.train_step, model=model, optimizer=optimizer, config=config))
   new_state, step_metrics = train_fn(state, dummy_batch(config))
   load = step_metrics["expert_load"]
   np.testing.assert_allclose(load[0, 3], 0.5, atol=1e-6)
   # Expert 3 is overloaded, so its bias goes down; each other expert's moves against its own load error.
-  expected = update_balancing_bias(state.moe_selection_bias, load, 0.01)
-  chex.assert_trees_all_close(new_state.moe_selection_bias, expected, atol=1e-7)
-  assert float(new_state.moe_selection_bias[0, 3]) == pytest.approx(10.0 - 0.01)
+  expected = update_balancing_bias(state.routing_state.selection_bias, load, 0.01)
+  chex.assert_trees_all_close(new_state.routing_state.selection_bias, expected, atol=1e-7)
+  assert float(new_state.routing_state.selection_bias[0, 3]) == pytest.approx(10.0 - 0.01)
   # Off by default: no state to carry.
   plain = tiny_config()
-  assert step_lib.init_train_state(TransformerLM(plain.model), optimizer, plain).moe_selection_bias is None
+  assert state_lib.init_train_state(TransformerLM(plain.model), optimizer, plain).routing_state.selection_bias is None
 
 
 def test_nan_guard_freezes_state():
   config = tiny_config()
-  model, optimizer = TransformerLM(config.model), step_lib.make_optimizer(config.train)
-  state = step_lib.init_train_state(model, optimizer, config)
+  model, optimizer = TransformerLM(config.model), optimizer_lib.make_optimizer(config.train)
+  state = state_lib.init_train_state(model, optimizer, config)
   train_fn = jax.jit(functools.partial(step_lib.train_step, model=model, optimizer=optimizer, config=config))
   state, _ = train_fn(state, dummy_batch(config))
   poisoned = state.replace(opt_state=jax.tree.map(lambda x: x * jnp.nan if x.dtype == jnp.float32 else x,
@@ -188,5 +190,6 @@ def test_hmoe_run_regroups_on_schedule_and_checkpoints_cluster_state(wikitext_di
     assert any(key in r for r in records), key
   assert results["params_expert"] > 0 and np.isfinite(results["valid/word_perplexity"])
   _, state = _restore_final(tmp_path, config)
-  assert int(state.cluster_state.num_regroups) == 2 and int(state.cluster_state.last_regroup_step) == 4
-  assert float(jnp.max(jnp.abs(state.cluster_state.selection_bias))) > 0  # Balancing biases were updated.
+  clusters = state.routing_state.clusters
+  assert int(clusters.num_regroups) == 2 and int(clusters.last_regroup_step) == 4
+  assert float(jnp.max(jnp.abs(state.routing_state.selection_bias))) > 0  # Balancing biases were updated.

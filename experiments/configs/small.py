@@ -18,7 +18,6 @@ import ml_collections
 
 from hmoe.config import base_config
 
-
 VARIANTS = ("moe", "dense", "moe_shared")
 
 

@@ -6,17 +6,22 @@ Benchmarks compare variants inside one process and report ratios, because absolu
 from __future__ import annotations
 
 import functools
+import importlib.util
+import pathlib
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from hmoe.config import ExperimentConfig, from_config_dict
-from hmoe.model import TransformerLM
-from hmoe.step import init_train_state, make_optimizer, train_step
+from hmoe.model.transformer import TransformerLM
+from hmoe.train.optimizer import make_optimizer
+from hmoe.train.state import init_train_state
+from hmoe.train.step import train_step
 
 
 def median_seconds(fn: Callable[..., Any], *args: Any, repeats: int = 5, warmup: int = 1) -> float:
@@ -46,9 +51,10 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 def load_variant_config(path: str, variant: str) -> ExperimentConfig:
   """The validated `ExperimentConfig` of `get_config(variant)` in a config file (the files the trainer reads)."""
-  namespace: dict[str, Any] = {}
-  exec(compile(open(path).read(), path, "exec"), namespace)
-  return from_config_dict(namespace["get_config"](variant))
+  spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return from_config_dict(module.get_config(variant))
 
 
 def layer_seconds(module: Any, x: jax.Array, *, backward: bool = False, repeats: int = 5, **kwargs: Any) -> float:

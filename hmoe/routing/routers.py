@@ -1,7 +1,11 @@
 """Top-k token-choice routing with its auxiliary losses, returned as values.
 
 Axis alphabet (used in every einsum of the package): B batch, L length, T tokens of one routing group, D model width,
-F expert hidden width, E experts, K top-k, C capacity, V vocabulary.
+F expert hidden width, E experts, K top-k, C capacity, V vocabulary; G clusters, M experts per cluster, Kc and Ke the
+clusters and experts chosen per token.
+
+Both router modules (`Router`, `HierarchicalRouter`) share their input handling (`_route`): float32 inputs,
+multiplicative jitter while training, and `detach_aux_input`.
 
 The router always runs in float32: small logit differences decide discrete expert choices, and bf16 rounding there
 flips assignments and destabilises training (Switch Transformer, Sec. 2.4 "selective precision").
@@ -10,11 +14,15 @@ flips assignments and destabilises training (Switch Transformer, Sec. 2.4 "selec
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import ClassVar, TypeVar
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from hmoe.routing.losses import load_balancing_loss, router_z_loss
 
 
 @flax.struct.dataclass
@@ -35,33 +43,8 @@ class RouterOutput:
   balance_loss: jax.Array
   z_loss: jax.Array
 
-
-def load_balancing_loss(probs_TxE: jax.Array, expert_index_TxK: jax.Array) -> jax.Array:
-  """Switch Transformer load-balancing loss `E * sum_i f_i * P_i` (Fedus et al. 2021, Eq. 4-6).
-
-  `f_i` is the fraction of the T*K token->expert assignments sent to expert i (so `sum_i f_i = 1` for any K) and `P_i`
-  the mean router probability of expert i. The loss is 1 under uniform routing and grows as load concentrates.
-  """
-  num_experts = probs_TxE.shape[-1]
-  assignments_TxKxE = jax.nn.one_hot(expert_index_TxK, num_experts, dtype=jnp.float32)
-  fraction_E = jnp.mean(assignments_TxKxE, axis=(0, 1))
-  mean_prob_E = jnp.mean(probs_TxE, axis=0)
-  return num_experts * jnp.sum(fraction_E * mean_prob_E)
-
-
-def router_z_loss(logits_TxE: jax.Array) -> jax.Array:
-  """ST-MoE router z-loss `mean_t logsumexp(logits_t)^2` (Zoph et al. 2022, Eq. 5): keeps logits small."""
-  return jnp.mean(jnp.square(jax.nn.logsumexp(logits_TxE, axis=-1)))
-
-
-def update_balancing_bias(bias_xE: jax.Array, load_xE: jax.Array, rate: float) -> jax.Array:
-  """`b_e += rate * sign(mean load - load_e)` over the last axis (DeepSeek-V3 Sec. 2.1.2).
-
-  Overloaded experts become less likely to be selected, underloaded ones more. `load_xE` may be token counts or load
-  fractions: only the sign of each expert's error is used.
-  """
-  error_xE = jnp.mean(load_xE, axis=-1, keepdims=True) - load_xE
-  return bias_xE + rate * jnp.sign(error_xE).astype(bias_xE.dtype)
+  # Auxiliary losses, by the name of their `hmoe.routing.RoutingStats` field.
+  loss_fields: ClassVar[tuple[str, ...]] = ("balance_loss", "z_loss")
 
 
 def renormalise_gates(gates: jax.Array, axis: int | tuple[int, ...]) -> jax.Array:
@@ -74,6 +57,49 @@ def renormalise_gates(gates: jax.Array, axis: int | tuple[int, ...]) -> jax.Arra
   if math.prod(gates.shape[a] for a in axes) == 1:
     return gates
   return gates / jnp.sum(gates, axis=axes, keepdims=True)
+
+
+_Output = TypeVar("_Output", "RouterOutput", "HierarchicalRouterOutput")
+
+
+def _route(module: nn.Module, x_GxTxD: jax.Array, kernel_shape: tuple[int, ...], kernel_axes: tuple[str, ...],
+           routing_fn: Callable[[jax.Array], _Output], *, jitter: float, detach_aux_input: bool, train: bool
+           ) -> _Output:
+  """Logits `x . kernel` per group, routed by `routing_fn` (vmapped over groups), with jitter and detached losses.
+
+  `detach_aux_input`: the auxiliary losses are recomputed from the logits of `stop_gradient(x)`, so they move the
+  router kernel but not the representations feeding it (the gates still pass the language-model gradient into `x`).
+  The decisions of both passes are the same (same forward values), so the losses keep their values.
+  """
+  x_GxTxD = x_GxTxD.astype(jnp.float32)
+  if train and jitter > 0:
+    # Switch Transformer jitter: multiply inputs by U(1 - eps, 1 + eps) to explore routing early in training.
+    noise = jax.random.uniform(module.make_rng("jitter"), x_GxTxD.shape, jnp.float32, 1.0 - jitter, 1.0 + jitter)
+    x_GxTxD = x_GxTxD * noise
+  kernel = module.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), kernel_axes),
+                        kernel_shape, jnp.float32)
+  flat_kernel_DxE = kernel.reshape(kernel.shape[0], -1)
+  logits = lambda x: jnp.einsum("gtd,de->gte", x, flat_kernel_DxE).reshape(*x.shape[:2], *kernel.shape[1:])
+  route = jax.vmap(routing_fn)(logits(x_GxTxD))
+  if not detach_aux_input:
+    return route
+  detached = jax.vmap(routing_fn)(logits(jax.lax.stop_gradient(x_GxTxD)))
+  return route.replace(**{name: getattr(detached, name) for name in route.loss_fields})
+
+
+class Router(nn.Module):
+  """Linear float32 top-k router over `num_experts`: `[G, T, D]` -> `RouterOutput` with a leading group axis."""
+
+  num_experts: int
+  top_k: int
+  jitter: float = 0.0
+  detach_aux_input: bool = False
+
+  @nn.compact
+  def __call__(self, x_GxTxD: jax.Array, *, train: bool, selection_bias_E: jax.Array | None = None) -> RouterOutput:
+    return _route(self, x_GxTxD, (x_GxTxD.shape[-1], self.num_experts), ("embed", "expert"),
+                  lambda logits: top_k_routing(logits, self.top_k, selection_bias_E),
+                  jitter=self.jitter, detach_aux_input=self.detach_aux_input, train=train)
 
 
 def top_k_routing(logits_TxE: jax.Array, top_k: int, selection_bias_E: jax.Array | None = None) -> RouterOutput:
@@ -95,43 +121,6 @@ def top_k_routing(logits_TxE: jax.Array, top_k: int, selection_bias_E: jax.Array
       balance_loss=load_balancing_loss(probs_TxE, expert_index_TxK),
       z_loss=router_z_loss(logits_TxE),
   )
-
-
-class Router(nn.Module):
-  """Linear float32 router over `num_experts`, with optional multiplicative input jitter during training.
-
-  `detach_aux_input`: the auxiliary losses are computed from logits of `stop_gradient(x)`, so they move the router
-  kernel but not the representations feeding it (the gates still pass the language-model gradient into `x`).
-  """
-
-  num_experts: int
-  top_k: int
-  jitter: float = 0.0
-  detach_aux_input: bool = False
-
-  @nn.compact
-  def __call__(self, x_GxTxD: jax.Array, *, train: bool, selection_bias_E: jax.Array | None = None) -> RouterOutput:
-    x_GxTxD = x_GxTxD.astype(jnp.float32)
-    if train and self.jitter > 0:
-      # Switch Transformer jitter: multiply inputs by U(1 - eps, 1 + eps) to explore routing early in training.
-      noise = jax.random.uniform(self.make_rng("jitter"), x_GxTxD.shape, jnp.float32,
-                                 1.0 - self.jitter, 1.0 + self.jitter)
-      x_GxTxD = x_GxTxD * noise
-    kernel_DxE = self.param(
-        "kernel",
-        nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), ("embed", "expert")),
-        (x_GxTxD.shape[-1], self.num_experts),
-        jnp.float32,
-    )
-    logits_GxTxE = jnp.einsum("gtd,de->gte", x_GxTxD, kernel_DxE)
-    route = jax.vmap(top_k_routing, in_axes=(0, None, None))(logits_GxTxE, self.top_k, selection_bias_E)
-    if not self.detach_aux_input:
-      return route
-    aux_logits_GxTxE = jnp.einsum("gtd,de->gte", jax.lax.stop_gradient(x_GxTxD), kernel_DxE)
-    aux_probs_GxTxE = jax.nn.softmax(aux_logits_GxTxE, axis=-1)
-    return route.replace(
-        balance_loss=jax.vmap(load_balancing_loss)(aux_probs_GxTxE, route.expert_index),
-        z_loss=jax.vmap(router_z_loss)(aux_logits_GxTxE))
 
 
 @flax.struct.dataclass
@@ -158,6 +147,8 @@ class HierarchicalRouterOutput:
   cluster_balance_loss: jax.Array
   balance_loss: jax.Array
   z_loss: jax.Array
+
+  loss_fields: ClassVar[tuple[str, ...]] = ("balance_loss", "z_loss", "cluster_balance_loss")
 
   @property
   def expert_index(self) -> jax.Array:
@@ -207,3 +198,26 @@ def hierarchical_routing(expert_logits_TxGxM: jax.Array, top_k_clusters: int, to
   )
   expert_balance = load_balancing_loss(joint_TxGxM.reshape(num_tokens, -1), output.expert_index)
   return output.replace(balance_loss=expert_balance)
+
+
+class HierarchicalRouter(nn.Module):
+  """Two-stage float32 router over `num_clusters` x `experts_per_cluster` (kernel [D, G, M], cluster-major).
+
+  `[G, T, D]` -> `HierarchicalRouterOutput` with a leading group axis; jitter and `detach_aux_input` as `Router`.
+  """
+
+  num_clusters: int
+  experts_per_cluster: int
+  top_k_clusters: int
+  top_k_experts: int
+  jitter: float = 0.0
+  detach_aux_input: bool = False
+
+  @nn.compact
+  def __call__(self, x_GxTxD: jax.Array, *, train: bool, selection_bias_GxM: jax.Array | None = None
+               ) -> HierarchicalRouterOutput:
+    return _route(self, x_GxTxD, (x_GxTxD.shape[-1], self.num_clusters, self.experts_per_cluster),
+                  ("embed", "cluster", "member"),
+                  lambda logits: hierarchical_routing(logits, self.top_k_clusters, self.top_k_experts,
+                                                      selection_bias_GxM),
+                  jitter=self.jitter, detach_aux_input=self.detach_aux_input, train=train)

@@ -6,7 +6,8 @@ parallelism of hidden widths and vocabulary). On one device every axis has size 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax

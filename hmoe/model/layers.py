@@ -1,7 +1,7 @@
 """Transformer building blocks: RMSNorm, rotary positions, causal attention, dense SwiGLU.
 
 Every parameter carries logical axis names (`embed`, `vocab`, `heads`, `kv`, `mlp`, `expert`) that
-`hmoe.sharding.LOGICAL_AXIS_RULES` maps onto mesh axes. Parameters are float32; `dtype` is the compute dtype.
+`hmoe.parallel.sharding.LOGICAL_AXIS_RULES` maps onto mesh axes. Parameters are float32; `dtype` is the compute dtype.
 """
 
 from __future__ import annotations
@@ -10,9 +10,23 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hmoe.moe import swiglu
+# The three matrices of a SwiGLU FFN, in the order every expert-parameter loop uses.
+SWIGLU_MATRICES = ("gate", "up", "down")
 
 _DEFAULT_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
+
+def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, pattern: str) -> jax.Array:
+  """SwiGLU `(silu(x W_gate) * (x W_up)) W_down` (Shazeer 2020) for any batch layout.
+
+  `pattern` is the einsum of the input projection, e.g. "gecd,edf->gecf"; the output projection uses the same letters
+  with `d` and `f` swapped.
+  """
+  inputs, output = pattern.split("->")
+  x_spec, w_spec = inputs.split(",")
+  down_pattern = f"{output},{w_spec.replace('d', '#').replace('f', 'd').replace('#', 'f')}->{x_spec}"
+  hidden = jax.nn.silu(jnp.einsum(pattern, x, w_gate)) * jnp.einsum(pattern, x, w_up)
+  return jnp.einsum(down_pattern, hidden, w_down)
 
 
 class RMSNorm(nn.Module):

@@ -7,17 +7,24 @@ says so by name and falls back to the next older one instead of discarding the r
 
 from __future__ import annotations
 
-import dataclasses
 import pathlib
 from typing import Any
 
-from absl import logging
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 
 class CheckpointError(RuntimeError):
   """No checkpoint in a directory could be restored."""
+
+
+class LegacyCheckpointError(CheckpointError):
+  """A checkpoint written with a train-state layout this version cannot read."""
+
+
+# TrainState fields of the layout before `routing_state` (2026-12): clustering statistics and MoE balancing biases.
+_LEGACY_FIELDS = ("cluster_state", "moe_selection_bias")
 
 
 class Checkpointer:
@@ -54,6 +61,8 @@ class Checkpointer:
     for step in reversed(steps):
       try:
         state = self._restore_step(step, abstract_state)
+      except LegacyCheckpointError:
+        raise  # Every older checkpoint of the run has the same layout: falling back would not help.
       except Exception as error:  # Orbax raises many types (ValueError, FileNotFoundError, tensorstore errors).
         message = f"checkpoint {self.directory / str(step)} is unreadable ({type(error).__name__}: {error})"
         logging.error("%s; trying an older checkpoint.", message)
@@ -69,21 +78,15 @@ class Checkpointer:
   def _restore_step(self, step: int, abstract_state: Any) -> Any:
     try:
       return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
-    except ValueError:
-      # A checkpoint written before an optional state field existed (e.g. `moe_selection_bias`, None unless used)
-      # lacks that field's key. Retry without the fields the checkpoint lacks, but only if they are None here:
-      # any other mismatch (a missing array, a changed model) still fails.
-      if not dataclasses.is_dataclass(abstract_state):
-        raise
+    except ValueError as error:
       on_disk = set(self._manager.item_metadata(step).keys())
-      fields = {field.name: getattr(abstract_state, field.name) for field in dataclasses.fields(abstract_state)}
-      absent = set(fields) - on_disk
-      if not absent or any(fields[name] is not None for name in absent):
-        raise
-      present = {name: value for name, value in fields.items() if name in on_disk}
-      restored = self._manager.restore(step, args=ocp.args.StandardRestore(present))
-      logging.info("checkpoint %d predates the state fields %s; they keep their None.", step, sorted(absent))
-      return dataclasses.replace(abstract_state, **restored)
+      legacy = sorted(on_disk & set(_LEGACY_FIELDS))
+      if legacy:
+        raise LegacyCheckpointError(
+            f"checkpoint {self.directory / str(step)} has the train-state layout of hmoe before 2026-12 "
+            f"({', '.join(legacy)}; now one `routing_state`, and the HMoE router kernel moved from `hmoe/router` to "
+            f"`hmoe/router/kernel`). Resume it with that version of hmoe, or start a new run.") from error
+      raise
 
   def close(self) -> None:
     self._manager.close()

@@ -1,8 +1,8 @@
 """The training loop: data, sharded state, resume, jitted steps, logging, evaluation and checkpoints.
 
 Read top to bottom: each section of `train_and_evaluate` is one phase of a run. Everything the loop needs to continue
-exactly after an interruption (params, optimizer moments, step = data position, RNG) is inside the checkpointed
-`TrainState`; the tokenizer and encoded splits are cached in the workdir.
+exactly after an interruption (params, optimizer moments, routing state, step = data position, RNG) is inside the
+checkpointed `TrainState`; the tokenizer and encoded splits are cached in the workdir.
 """
 
 from __future__ import annotations
@@ -14,19 +14,24 @@ import logging as std_logging
 import pathlib
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
+from absl import logging
 
-from hmoe import checkpoint, data, metrics, sharding, step as step_lib
 from hmoe.config import ExperimentConfig
-from hmoe.model import TransformerLM
-from hmoe.tokenizer import Tokenizer, load_or_train_tokenizer
+from hmoe.data import batching
+from hmoe.data.corpus import load_corpus
+from hmoe.model.param_counts import parameter_counts
+from hmoe.model.transformer import TransformerLM
+from hmoe.parallel import sharding
+from hmoe.train import checkpoint, metrics, optimizer as optimizer_lib, state as state_lib, step as step_lib
+from hmoe.train.evaluation import evaluate
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -39,49 +44,6 @@ class _QuietLibraries(std_logging.Filter):
 def quiet_library_logging() -> None:
   """For entry points: filter third-party INFO chatter from the absl console handler."""
   logging.get_absl_handler().addFilter(_QuietLibraries())
-
-
-@dataclasses.dataclass
-class _Corpus:
-  tokenizer: Tokenizer
-  train: data.SplitTokens
-  eval_splits: dict[str, data.SplitTokens]
-
-
-def load_corpus(config: ExperimentConfig, workdir: pathlib.Path) -> _Corpus:
-  """Trains (or loads the cached) tokenizer on the train split and encodes every split the run needs."""
-  data_dir = data.resolve_data_dir(config.data.data_dir)
-  paths = {split: data.wikitext_split_path(data_dir, config.data.dataset, split)
-           for split in ("train", *config.data.eval_splits)}
-  tokenizer = load_or_train_tokenizer(paths["train"], config.model.vocab_size, workdir / "tokenizer.json")
-  if tokenizer.vocab_size > config.model.vocab_size:
-    raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size={config.model.vocab_size}")
-  cache_dir = workdir / "token_cache"
-  return _Corpus(
-      tokenizer=tokenizer,
-      train=data.load_split(tokenizer, paths["train"], cache_dir=cache_dir),
-      eval_splits={split: data.load_split(tokenizer, paths[split], cache_dir=cache_dir)
-                   for split in config.data.eval_splits},
-  )
-
-
-def evaluate(eval_fn, state: step_lib.TrainState, split: data.SplitTokens, config: ExperimentConfig, eos_id: int
-             ) -> dict[str, float]:
-  """Scores every token of a split once. Word-level perplexity = exp(total NLL / WikiText word count)."""
-  totals = None
-  for batch in data.eval_batches(split.tokens, config.data.eval_batch_size, config.data.seq_len, eos_id):
-    batch_metrics = eval_fn(state.params, batch, step_lib.selection_bias(state, config))
-    # Summing device arrays keeps the loop asynchronous: one host sync per split, not per batch.
-    totals = batch_metrics if totals is None else jax.tree.map(jnp.add, totals, batch_metrics)
-  totals = jax.device_get(totals)
-  nll_sum, num_tokens = float(totals["nll_sum"]), float(totals["num_tokens"])
-  return {
-      "loss": nll_sum / num_tokens,
-      "token_perplexity": metrics.perplexity(nll_sum, num_tokens),
-      "word_perplexity": metrics.perplexity(nll_sum, split.num_words),
-      "num_tokens": num_tokens,
-      "num_words": split.num_words,
-  }
 
 
 def _summarise_train_metrics(history: list[dict[str, jax.Array]], tokens: int, seconds: float) -> dict[str, Any]:
@@ -103,7 +65,7 @@ def _summarise_train_metrics(history: list[dict[str, jax.Array]], tokens: int, s
 
 
 def train_and_evaluate(config: ExperimentConfig, workdir: str | pathlib.Path, *,
-                       warm_start: Callable[[step_lib.TrainState], step_lib.TrainState] | None = None
+                       warm_start: Callable[[state_lib.TrainState], state_lib.TrainState] | None = None
                        ) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming if it holds checkpoints) and returns the final evaluation.
 
@@ -116,24 +78,24 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | pathlib.Path, *,
   train_cfg = config.train
 
   # ---------------------------------------------------------------- Data.
-  corpus = load_corpus(config, workdir)
+  corpus = load_corpus(config.data, config.model.vocab_size, workdir)
   tokens_per_step = config.data.batch_size * config.data.seq_len
   logging.info("train split: %d tokens (%d words); %d tokens per step", len(corpus.train.tokens),
                corpus.train.num_words, tokens_per_step)
 
   # ---------------------------------------------------------------- Model, mesh and sharded state.
   model = TransformerLM(config.model)
-  optimizer = step_lib.make_optimizer(train_cfg)
+  optimizer = optimizer_lib.make_optimizer(train_cfg)
   mesh = sharding.make_mesh(train_cfg.mesh_shape)
   logging.info("devices: %s; mesh %s", jax.devices(), dict(mesh.shape))
-  abstract_boxed = jax.eval_shape(functools.partial(step_lib.init_boxed_train_state, model, optimizer, config))
+  abstract_boxed = jax.eval_shape(functools.partial(state_lib.init_boxed_train_state, model, optimizer, config))
   state_sharding = sharding.logical_shardings(abstract_boxed, mesh)
   batch_sharding = sharding.batch_sharding(mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-    init_fn = jax.jit(functools.partial(step_lib.init_train_state, model, optimizer, config),
+    init_fn = jax.jit(functools.partial(state_lib.init_train_state, model, optimizer, config),
                       out_shardings=state_sharding)
     state = init_fn()
-  counts = metrics.parameter_counts(state.params, config.model)
+  counts = parameter_counts(state.params, config.model)
   logging.info("parameters: %s", counts)
 
   # ---------------------------------------------------------------- Resume.
@@ -152,8 +114,9 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | pathlib.Path, *,
       functools.partial(step_lib.train_step, model=model, optimizer=optimizer, config=config),
       in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None), donate_argnums=0)
   eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=model),
-                    in_shardings=(state_sharding.params, batch_sharding, None))
-  recluster_every = config.model.hmoe.recluster_every if config.model.sparse_kind == "hmoe" else 0
+                    in_shardings=(state_sharding.params, state_sharding.routing_state, batch_sharding))
+  routed = config.model.routed
+  recluster_every = routed.recluster_every if routed is not None and routed.clusters_experts else 0
   recluster_fn = jax.jit(functools.partial(step_lib.recluster_step, optimizer=optimizer, config=config),
                          in_shardings=(state_sharding,), out_shardings=state_sharding, donate_argnums=0)
   writer = metrics.MetricsWriter(workdir / "metrics.jsonl")
@@ -162,7 +125,8 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | pathlib.Path, *,
   def run_evals(state, step: int, splits) -> dict[str, dict[str, float]]:
     results = {}
     for split in splits:
-      results[split] = evaluate(eval_fn, state, corpus.eval_splits[split], config, corpus.tokenizer.eos_id)
+      results[split] = evaluate(eval_fn, state.params, state.routing_state, corpus.eval_splits[split], config.data,
+                                corpus.tokenizer.eos_id)
       writer.write(step, {f"{split}/{key}": value for key, value in results[split].items()})
       logging.info("step %d %s: loss %.4f, word perplexity %.2f", step, split, results[split]["loss"],
                    results[split]["word_perplexity"])
@@ -170,13 +134,14 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | pathlib.Path, *,
 
   def regroup_and_log(state, step: int):
     """Regroups experts and logs the loss on the next training batch just before and just after."""
-    batch = data.train_batch(corpus.train.tokens, step, config.data.batch_size, config.data.seq_len, train_cfg.seed)
+    batch = batching.train_batch(corpus.train.tokens, step, config.data.batch_size, config.data.seq_len,
+                                 train_cfg.seed)
     batch = {**batch, "weights": np.ones(batch["targets"].shape, np.float32)}
-    batch_loss = lambda state: jax.device_get(eval_fn(state.params, batch, step_lib.selection_bias(state, config)))
+    batch_loss = lambda state: jax.device_get(eval_fn(state.params, state.routing_state, batch))
     before = batch_loss(state)
     state = recluster_fn(state)
     after = batch_loss(state)
-    cluster = jax.device_get(state.cluster_state)
+    cluster = jax.device_get(state.routing_state.clusters)
     writer.write(step, {"regroup/loss_before": before["nll_sum"] / before["num_tokens"],
                         "regroup/loss_after": after["nll_sum"] / after["num_tokens"],
                         "regroup/stability": cluster.stability, "regroup/similarity_gain": cluster.similarity_gain,
@@ -198,8 +163,8 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | pathlib.Path, *,
                        dynamic_ncols=True, mininterval=5.0, disable=not sys.stderr.isatty())
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
     for step in range(start_step, train_cfg.num_steps):
-      batch = data.train_batch(corpus.train.tokens, step, config.data.batch_size, config.data.seq_len,
-                               train_cfg.seed)
+      batch = batching.train_batch(corpus.train.tokens, step, config.data.batch_size, config.data.seq_len,
+                                   train_cfg.seed)
       state, step_metrics = train_fn(state, batch)
       history.append(step_metrics)
       window_tokens += tokens_per_step

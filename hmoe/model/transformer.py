@@ -1,8 +1,8 @@
 """Decoder-only pre-norm Transformer language model with dense or MoE feed-forward blocks.
 
-`TransformerLM.apply(params, tokens_BxL, train=..., rngs=...)` returns `(logits_BxLxV, moe_stats)`, where `moe_stats`
-is a `MoEStats` (standard MoE) or `HMoEStats` (hierarchical) whose leaves carry a leading axis over the routed layers
-(None for an all-dense model). Training needs a "jitter" rng when the router jitters and a "dropout" rng when
+`TransformerLM.apply(params, tokens_BxL, train=..., rngs=...)` returns `(logits_BxLxV, routing_stats)`, where
+`routing_stats` is a `hmoe.routing.RoutingStats` whose leaves carry a leading axis over the routed layers (None for an
+all-dense model). Training needs a "jitter" rng when the router jitters and a "dropout" rng when
 `dropout_rate > 0`.
 """
 
@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 
 from hmoe.config import ModelConfig
-from hmoe.hierarchical import HMoEFeedForward, HMoEStats
-from hmoe.layers import CausalSelfAttention, DenseFeedForward, RMSNorm
-from hmoe.moe import MoEFeedForward, MoEStats
+from hmoe.model.ffn import ffn_layer
+from hmoe.model.layers import CausalSelfAttention, RMSNorm
+from hmoe.routing.statistics import RoutingStats
 
 
 class Block(nn.Module):
@@ -24,8 +24,8 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxLxD: jax.Array, *, train: bool, selection_bias: jax.Array | None = None
-               ) -> tuple[jax.Array, MoEStats | HMoEStats | None]:
-    """`selection_bias`: this layer's balancing biases, [E] for a standard MoE, [G, M] for an HMoE layer."""
+               ) -> tuple[jax.Array, RoutingStats | None]:
+    """`selection_bias`: this layer's balancing biases [E] (cluster-major for an HMoE layer), or None."""
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     dropout = nn.Dropout(cfg.dropout_rate, deterministic=not train)
@@ -33,16 +33,7 @@ class Block(nn.Module):
         RMSNorm(dtype=dtype, name="attention_norm")(x_BxLxD))
     x_BxLxD = x_BxLxD + dropout(attended)
     normed = RMSNorm(dtype=dtype, name="ffn_norm")(x_BxLxD)
-    stats = None
-    if self.ffn_kind == "moe":
-      ffn_out, stats = MoEFeedForward(cfg.moe, dtype, name="moe")(normed, train=train, selection_bias_E=selection_bias)
-    elif self.ffn_kind == "hmoe":
-      ffn_out, stats = HMoEFeedForward(cfg.hmoe, dtype, name="hmoe")(normed, train=train,
-                                                                      selection_bias_GxM=selection_bias)
-    else:
-      ffn_out = DenseFeedForward(cfg.d_ff, dtype, name="ffn")(normed)
-    if self.ffn_kind != "dense" and cfg.shared_expert_ff:
-      ffn_out = ffn_out + DenseFeedForward(cfg.shared_expert_ff, dtype, name="shared_expert")(normed)
+    ffn_out, stats = ffn_layer(cfg, self.ffn_kind)(normed, train=train, selection_bias=selection_bias)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD + dropout(ffn_out), ("batch", "length", "embed"))
     return x_BxLxD, stats
 
@@ -52,9 +43,8 @@ class TransformerLM(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxL: jax.Array, *, train: bool = False, selection_bias: jax.Array | None = None
-               ) -> tuple[jax.Array, MoEStats | HMoEStats | None]:
-    """`selection_bias`: auxiliary-loss-free balancing biases (selection only), float32 with a leading axis over the
-    routed layers: [num_moe_layers, E] for standard MoE layers, [num_hmoe_layers, G, M] for hierarchical ones."""
+               ) -> tuple[jax.Array, RoutingStats | None]:
+    """`selection_bias`: float32 [num_routed_layers, E] auxiliary-loss-free balancing biases (selection only)."""
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     embedding_VxD = self.param(
@@ -67,8 +57,8 @@ class TransformerLM(nn.Module):
     layer_stats = []
     for layer, kind in enumerate(cfg.ffn_kinds):
       bias = None
-      if kind != "dense" and selection_bias is not None:
-        bias = selection_bias[len(layer_stats)]
+      if selection_bias is not None and layer in cfg.routed_layers:
+        bias = selection_bias[cfg.routed_layers.index(layer)]
       x_BxLxD, stats = Block(cfg, kind, name=f"block_{layer}")(x_BxLxD, train=train, selection_bias=bias)
       if stats is not None:
         layer_stats.append(stats)
@@ -81,8 +71,8 @@ class TransformerLM(nn.Module):
           "unembed", nn.with_logical_partitioning(nn.initializers.normal(stddev=cfg.d_model**-0.5), ("embed", "vocab")),
           (cfg.d_model, cfg.vocab_size), jnp.float32)
       logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, unembed_DxV.astype(dtype))
-    moe_stats = jax.tree.map(lambda *leaves: jnp.stack(leaves), *layer_stats) if layer_stats else None
-    return logits_BxLxV.astype(jnp.float32), moe_stats
+    stats = jax.tree.map(lambda *leaves: jnp.stack(leaves), *layer_stats) if layer_stats else None
+    return logits_BxLxV.astype(jnp.float32), stats
 
 
 def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array, weights_BxL: jax.Array | None = None

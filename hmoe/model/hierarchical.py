@@ -3,10 +3,10 @@
 Axis alphabet as in `hmoe.routing`, plus G clusters, M experts per cluster (E = G * M, cluster-major: e = g * M + m),
 R residual rank, Kc clusters and Ke experts chosen per token, N row blocks, S rows per block.
 
-Every expert matrix is `W_e = B_c + U_e V_e`. The forward pass reuses the base products (SPEC "Base-product reuse"):
+Every expert matrix is `W_e = B_c + U_e V_e`. The forward pass reuses the base products:
 
 1. Stage-1 dispatch: each (token, chosen cluster) pair gets a slot in its cluster's `[C, D]` buffer (sort/gather, as
-   `hmoe.dispatch.plan_capacity`; capacity is per cluster and drops are counted exactly). Dropless evaluation sorts
+   `hmoe.routing.dispatch.plan_capacity`; capacity is per cluster and drops are counted exactly). Dropless runs sort
    the slots into per-cluster row blocks instead (`plan_dropless`), each block multiplied with its cluster's bases.
 2. `x B_c^gate` and `x B_c^up` are computed once per slot, not once per expert.
 3. Stage-2: the slot's Ke chosen experts become rows of a block-sparse grouped matmul (`plan_dropless` over the E
@@ -19,41 +19,15 @@ Every expert matrix is `W_e = B_c + U_e V_e`. The forward pass reuses the base p
 
 from __future__ import annotations
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hmoe import dispatch
 from hmoe.config import HMoEConfig
-from hmoe.routing import HierarchicalRouterOutput, hierarchical_routing
-
-_MATRICES = ("gate", "up", "down")
-
-
-@flax.struct.dataclass
-class HMoEStats:
-  """Per-layer statistics of the hierarchical layer (cf. `hmoe.moe.MoEStats`).
-
-  Attributes:
-    balance_loss, cluster_balance_loss, z_loss: float32 [] auxiliary losses.
-    expert_load: float32 [E] fraction of (token, expert) assignments per expert, cluster-major.
-    cluster_load: float32 [G] fraction of (token, cluster) assignments per cluster.
-    num_dropped: int32 [] (token, cluster) assignments dropped for lack of cluster capacity.
-    num_assignments: int32 [] all (token, cluster) assignments.
-    expert_token_count: float32 [E] tokens routed to each expert (kept or not), for clustering statistics.
-    expert_token_sum: float32 [E, D] sum of the router inputs of those tokens (EMA activation centroids).
-  """
-
-  balance_loss: jax.Array
-  cluster_balance_loss: jax.Array
-  z_loss: jax.Array
-  expert_load: jax.Array
-  cluster_load: jax.Array
-  num_dropped: jax.Array
-  num_assignments: jax.Array
-  expert_token_count: jax.Array
-  expert_token_sum: jax.Array
+from hmoe.model.layers import SWIGLU_MATRICES
+from hmoe.routing import dispatch
+from hmoe.routing.routers import HierarchicalRouter, HierarchicalRouterOutput
+from hmoe.routing.statistics import RoutingStats, layer_stats
 
 
 def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], stddev: float) -> jax.Array:
@@ -149,7 +123,7 @@ def hmoe_group_forward(x_TxD: jax.Array, route: HierarchicalRouterOutput, bases:
 
 
 class HMoEFeedForward(nn.Module):
-  """Hierarchical MoE of SwiGLU experts in cluster-major layout. Returns (output [B, L, D], HMoEStats)."""
+  """Hierarchical MoE of SwiGLU experts in cluster-major layout. Returns (output [B, L, D], RoutingStats)."""
 
   config: HMoEConfig
   dtype: jnp.dtype = jnp.float32
@@ -160,7 +134,7 @@ class HMoEFeedForward(nn.Module):
     shapes = {"gate": (width, f), "up": (width, f), "down": (f, width)}
     axes = {"gate": ("embed", "mlp"), "up": ("embed", "mlp"), "down": ("mlp", "embed")}
     bases, factors = {}, {}
-    for name in _MATRICES:
+    for name in SWIGLU_MATRICES:
       fan_in, fan_out = shapes[name]
       in_axis, out_axis = axes[name]
       bases[name] = _param(self, f"base_{name}", (g, fan_in, fan_out), ("cluster", in_axis, out_axis),
@@ -173,43 +147,22 @@ class HMoEFeedForward(nn.Module):
     return bases, factors
 
   @nn.compact
-  def __call__(self, x_BxLxD: jax.Array, *, train: bool, selection_bias_GxM: jax.Array | None = None
-               ) -> tuple[jax.Array, HMoEStats]:
+  def __call__(self, x_BxLxD: jax.Array, *, train: bool, selection_bias: jax.Array | None = None
+               ) -> tuple[jax.Array, RoutingStats]:
+    """`selection_bias`: float32 [E] cluster-major auxiliary-loss-free balancing biases (selection only)."""
     cfg = self.config
-    batch, length, width = x_BxLxD.shape
-    num_tokens = batch * length // cfg.num_groups
-    x_GxTxD = nn.with_logical_constraint(x_BxLxD.reshape(cfg.num_groups, num_tokens, width),
-                                         ("batch", None, "embed"))
-    router_DxGxM = self.param(
-        "router", nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), ("embed", "cluster", "member")),
-        (width, cfg.num_clusters, cfg.experts_per_cluster), jnp.float32)
-    logits = jnp.einsum("ntd,dgm->ntgm", x_GxTxD.astype(jnp.float32), router_DxGxM)
-    route = jax.vmap(hierarchical_routing, in_axes=(0, None, None, None))(
-        logits, cfg.top_k_clusters, cfg.top_k_experts, selection_bias_GxM)
-
-    bases, factors = self._parameters(width)
+    g, m = cfg.num_clusters, cfg.experts_per_cluster
+    x_GxTxD = dispatch.split_groups(x_BxLxD, cfg.num_groups)
+    bias_GxM = None if selection_bias is None else selection_bias.reshape(g, m)
+    route = HierarchicalRouter(g, m, cfg.top_k_clusters, cfg.top_k_experts, jitter=cfg.router_jitter,
+                               detach_aux_input=cfg.detach_aux_input, name="router")(
+                                   x_GxTxD, train=train, selection_bias_GxM=bias_GxM)
+    bases, factors = self._parameters(x_BxLxD.shape[-1])
     cast = lambda tree: jax.tree.map(lambda w: w.astype(self.dtype), tree)
-    dropless = not train and cfg.eval_dropless
-    factor = cfg.capacity_factor if train else cfg.eval_capacity_factor
-    capacity = None if dropless else dispatch.expert_capacity(num_tokens, cfg.num_clusters, cfg.top_k_clusters,
-                                                              factor)
+    capacity = dispatch.layer_capacity(cfg, x_GxTxD.shape[1], g, cfg.top_k_clusters, train)
     y_GxTxD, kept = dispatch.map_groups(hmoe_group_forward, (0, 0, None, None, None, None), x_GxTxD.astype(self.dtype),
                                         route, cast(bases), cast(factors), capacity, cfg.block_size)
-    return y_GxTxD.reshape(batch, length, width), self._stats(route, kept, x_GxTxD)
-
-  def _stats(self, route: HierarchicalRouterOutput, kept: jax.Array, x_GxTxD: jax.Array) -> HMoEStats:
-    cfg = self.config
-    assignments_GxTxAxE = jax.nn.one_hot(route.expert_index, cfg.num_experts, dtype=jnp.float32)
-    tokens_per_expert_GxTxE = jnp.sum(assignments_GxTxAxE, axis=2)
-    return HMoEStats(
-        balance_loss=jnp.mean(route.balance_loss),
-        cluster_balance_loss=jnp.mean(route.cluster_balance_loss),
-        z_loss=jnp.mean(route.z_loss),
-        expert_load=jnp.mean(assignments_GxTxAxE, axis=(0, 1, 2)),
-        cluster_load=jnp.mean(jax.nn.one_hot(route.cluster_index, cfg.num_clusters, dtype=jnp.float32),
-                              axis=(0, 1, 2)),
-        num_dropped=jnp.sum(~kept).astype(jnp.int32),
-        num_assignments=jnp.asarray(kept.size, jnp.int32),
-        expert_token_count=jnp.sum(tokens_per_expert_GxTxE, axis=(0, 1)),
-        expert_token_sum=jnp.einsum("nte,ntd->ed", tokens_per_expert_GxTxE, x_GxTxD.astype(jnp.float32)),
-    )
+    if cfg.routed_scale != 1.0:
+      y_GxTxD = y_GxTxD * cfg.routed_scale
+    stats = layer_stats(route, kept, x_GxTxD, cfg.num_experts, cluster_index=route.cluster_index, num_clusters=g)
+    return y_GxTxD.reshape(x_BxLxD.shape), stats

@@ -19,9 +19,11 @@ earlier tokens before later ones within the same choice rank.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -40,6 +42,29 @@ def map_groups(fn: Callable[..., Any], in_axes: Sequence[int | None], *args: Any
     return jax.vmap(fn, in_axes=tuple(in_axes))(*args)
   squeezed = [jax.tree.map(lambda leaf: leaf[0], arg) if axis == 0 else arg for arg, axis in zip(args, in_axes)]
   return jax.tree.map(lambda leaf: leaf[None], fn(*squeezed))
+
+
+def split_groups(x_BxLxD: jax.Array, num_groups: int) -> jax.Array:
+  """[B, L, D] -> [G, T, D] routing groups of T = B * L / G consecutive tokens, groups sharded over `data`."""
+  batch, length, width = x_BxLxD.shape
+  x_GxTxD = x_BxLxD.reshape(num_groups, batch * length // num_groups, width)
+  return nn.with_logical_constraint(x_GxTxD, ("batch", None, "embed"))
+
+
+def layer_capacity(config: Any, num_tokens: int, num_owners: int, picks_per_token: int, train: bool) -> int | None:
+  """Slots per owner (expert or cluster) of a routed layer, or None when it runs dropless.
+
+  Args:
+    config: a `hmoe.config.RoutedConfig` (`dropless`, `eval_dropless`, `capacity_factor`, `eval_capacity_factor`).
+    num_tokens: T, tokens of one routing group.
+    num_owners: E experts (standard MoE) or G clusters (HMoE).
+    picks_per_token: owners each token picks (top-k experts or top-k clusters).
+    train: training uses `capacity_factor`, evaluation `eval_capacity_factor` unless `eval_dropless`.
+  """
+  if config.dropless or (not train and config.eval_dropless):
+    return None
+  factor = config.capacity_factor if train else config.eval_capacity_factor
+  return expert_capacity(num_tokens, num_owners, picks_per_token, factor)
 
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:

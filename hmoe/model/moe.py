@@ -1,0 +1,93 @@
+"""Standard top-k Mixture-of-Experts SwiGLU feed-forward layer.
+
+Tokens `[B, L, D]` are split into `num_groups` routing groups `[G, T, D]` (one per data shard on a pod, so routing,
+capacity and sorting stay local to a device), routed by a float32 `Router`, moved to experts by one of the paths in
+`hmoe.routing.dispatch`, and combined back with their gates. Routing statistics come back as a `RoutingStats`.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hmoe.config import MoEConfig
+from hmoe.model.layers import swiglu
+from hmoe.routing import dispatch
+from hmoe.routing.routers import Router
+from hmoe.routing.statistics import RoutingStats, layer_stats
+
+
+def _expert_param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...]) -> jax.Array:
+  # Fan-in scaled init per expert. batch_axis keeps the stacked expert axis out of the fan-in; without it every
+  # expert starts sqrt(E) too small.
+  init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=1, out_axis=2, batch_axis=(0,))
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+
+
+class MoEFeedForward(nn.Module):
+  """Top-k token-choice MoE of SwiGLU experts. Returns (output [B, L, D], RoutingStats)."""
+
+  config: MoEConfig
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxLxD: jax.Array, *, train: bool, selection_bias: jax.Array | None = None
+               ) -> tuple[jax.Array, RoutingStats]:
+    """`selection_bias`: float32 [E] auxiliary-loss-free balancing biases (change which experts are chosen only)."""
+    cfg = self.config
+    width = x_BxLxD.shape[-1]
+    x_GxTxD = dispatch.split_groups(x_BxLxD, cfg.num_groups)
+    route = Router(cfg.num_experts, cfg.top_k, jitter=cfg.router_jitter, detach_aux_input=cfg.detach_aux_input,
+                   name="router")(x_GxTxD, train=train, selection_bias_E=selection_bias)
+
+    w_gate_ExDxF = _expert_param(self, "w_gate", (cfg.num_experts, width, cfg.expert_ff), ("expert", "embed", "mlp"))
+    w_up_ExDxF = _expert_param(self, "w_up", (cfg.num_experts, width, cfg.expert_ff), ("expert", "embed", "mlp"))
+    w_down_ExFxD = _expert_param(self, "w_down", (cfg.num_experts, cfg.expert_ff, width), ("expert", "mlp", "embed"))
+    weights = [w.astype(self.dtype) for w in (w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)]
+    capacity = dispatch.layer_capacity(cfg, x_GxTxD.shape[1], cfg.num_experts, cfg.top_k, train)
+    x_in_GxTxD = x_GxTxD.astype(self.dtype)
+    if cfg.dispatch == "einsum":
+      y_GxTxD, kept = self._einsum_path(x_in_GxTxD, route, weights, capacity)
+    else:
+      y_GxTxD, kept = self._sort_path(x_in_GxTxD, route, weights, capacity)
+    if cfg.routed_scale != 1.0:
+      y_GxTxD = y_GxTxD * cfg.routed_scale
+    return y_GxTxD.reshape(x_BxLxD.shape), layer_stats(route, kept, x_GxTxD, cfg.num_experts)
+
+  def _sort_path(self, x_GxTxD, route, weights, capacity):
+    cfg = self.config
+    dropless = capacity is None
+    if dropless:
+      plan = dispatch.map_groups(dispatch.plan_dropless, (0, None, None), route.expert_index, cfg.num_experts,
+                                 cfg.dropless_block_size)
+    else:
+      plan = dispatch.map_groups(dispatch.plan_capacity, (0, None, None), route.expert_index, cfg.num_experts,
+                                 capacity)
+    with jax.named_scope("dispatch"):
+      rows_GxRxD = dispatch.map_groups(dispatch.gather_rows, (0, 0), x_GxTxD, plan)
+    num_blocks = plan.block_expert.shape[-1]
+    rows_GxNxSxD = rows_GxRxD.reshape(rows_GxRxD.shape[0], num_blocks, -1, rows_GxRxD.shape[-1])
+    with jax.named_scope("experts"):
+      if dropless:
+        # Each row block multiplies its own expert's weights: gather them per block.
+        block_weights = [w[plan.block_expert] for w in weights]
+        y_GxNxSxD = swiglu(rows_GxNxSxD, *block_weights, pattern="gnsd,gndf->gnsf")
+      else:
+        rows_GxNxSxD = nn.with_logical_constraint(rows_GxNxSxD, ("batch", "expert", None, "embed"))
+        y_GxNxSxD = swiglu(rows_GxNxSxD, *weights, pattern="gnsd,ndf->gnsf")
+    with jax.named_scope("combine"):
+      y_GxRxD = y_GxNxSxD.reshape(rows_GxRxD.shape)
+      y_GxTxD = dispatch.map_groups(dispatch.combine_rows, (0, 0, 0), y_GxRxD, plan, route.gates)
+    return y_GxTxD, plan.kept
+
+  def _einsum_path(self, x_GxTxD, route, weights, capacity):
+    # Dropless evaluation on the einsum path: T slots per expert never drop (a token uses an expert at most once).
+    capacity = x_GxTxD.shape[1] if capacity is None else capacity
+    dispatch_GxTxExC, combine_GxTxExC, kept = jax.vmap(dispatch.einsum_masks, in_axes=(0, 0, None, None))(
+        route.expert_index, route.gates, self.config.num_experts, capacity)
+    x_GxExCxD = jnp.einsum("gtec,gtd->gecd", dispatch_GxTxExC.astype(self.dtype), x_GxTxD)
+    x_GxExCxD = nn.with_logical_constraint(x_GxExCxD, ("batch", "expert", None, "embed"))
+    y_GxExCxD = swiglu(x_GxExCxD, *weights, pattern="gecd,edf->gecf")
+    y_GxTxD = jnp.einsum("gtec,gecd->gtd", combine_GxTxExC.astype(self.dtype), y_GxExCxD)
+    return y_GxTxD, kept

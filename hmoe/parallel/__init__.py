@@ -1,0 +1,1 @@
+"""Parallelism: the device mesh and the logical-axis rules that shard parameters and activations (`sharding`)."""
