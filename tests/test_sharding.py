@@ -1,16 +1,18 @@
 """Sharding on 8 fake CPU devices: a sharded train step matches the single-device one; pod config shapes."""
 
+import dataclasses
 import functools
 
 import chex
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 import pytest
 from jax.sharding import PartitionSpec
 
 from experiments.configs import pod
-from hmoe.config import MoEConfig, from_config_dict
+from hmoe.config import HMoEConfig, MoEConfig, from_config_dict
 from hmoe.model.param_counts import parameter_counts
 from hmoe.model.transformer import TransformerLM
 from hmoe.parallel import sharding
@@ -18,8 +20,8 @@ from hmoe.testing import dummy_batch, tiny_config
 from hmoe.train import optimizer as optimizer_lib, state as state_lib, step as step_lib
 
 
-def _state_and_step(config, mesh):
-  model, optimizer = TransformerLM(config.model), optimizer_lib.make_optimizer(config.train)
+def _state_and_step(config, mesh, optimizer):
+  model = TransformerLM(config.model)
   abstract_boxed = jax.eval_shape(functools.partial(state_lib.init_boxed_train_state, model, optimizer, config))
   state_sharding = sharding.logical_shardings(abstract_boxed, mesh)
   init = jax.jit(functools.partial(state_lib.init_train_state, model, optimizer, config), out_shardings=state_sharding)
@@ -39,27 +41,50 @@ def test_make_mesh_fills_one_axis_and_names_bad_shapes():
     sharding.make_mesh((4, 4, 1))
 
 
-@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2)])
-def test_sharded_train_step_matches_single_device(mesh_shape):
-  # One routing group per data shard, as on a pod.
-  config = tiny_config(moe=MoEConfig(num_experts=4, top_k=2, expert_ff=32, num_groups=mesh_shape[0]))
-  batch = dummy_batch(config)
+_HMOE = HMoEConfig(num_experts=8, num_clusters=2, rank=4, expert_ff=32, block_size=8, bias_update_rate=0.01)
+
+
+@pytest.mark.parametrize("kind, mesh_shape", [("moe", (8, 1, 1)), ("moe", (2, 2, 2)), ("hmoe", (2, 2, 2))])
+def test_sharded_train_step_matches_single_device(kind, mesh_shape):
+  # One routing group per data shard, as on a pod; biases on, so the routing state is compared too.
+  if kind == "moe":
+    config = tiny_config(moe=MoEConfig(num_experts=4, top_k=2, expert_ff=32, num_groups=mesh_shape[0],
+                                       bias_update_rate=0.01))
+  else:
+    config = tiny_config(ffn_pattern="dense,hmoe", hmoe=dataclasses.replace(_HMOE, num_groups=mesh_shape[0]))
+  # Plain SGD at learning rate 1 after clipping: each step moves the params by exactly minus the clipped gradient, so
+  # the comparison checks gradients at full size (AdamW's m / sqrt(v) would amplify reduction-order noise in
+  # near-zero gradients into sign flips of whole updates).
+  optimizer = optax.chain(optax.clip_by_global_norm(config.train.grad_clip_norm), optax.sgd(1.0))
+  batches = [dummy_batch(config, seed) for seed in range(2)]
   with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
     results = []
     for shape in ((1, 1, 1), mesh_shape):
       mesh = sharding.make_mesh(shape, jax.devices()[: int(np.prod(shape))])
       with jax.set_mesh(mesh):
-        init, train_fn, state_sharding = _state_and_step(config, mesh)
+        init, train_fn, state_sharding = _state_and_step(config, mesh, optimizer)
         state = init()
-        for _ in range(2):
+        initial = jax.device_get(state.params)
+        losses = []
+        for batch in batches:
           state, step_metrics = train_fn(state, batch)
-        results.append((jax.device_get(state.params), float(step_metrics["loss"])))
+          losses.append(float(step_metrics["loss"]))
+        moved = jax.tree.map(lambda new, old: new - old, jax.device_get(state.params), initial)
+        results.append((moved, jax.device_get(state.routing_state), losses))
       if shape == mesh_shape and mesh_shape[1] > 1:
-        spec = state_sharding.params["block_1"]["moe"]["w_gate"].spec
-        assert spec == PartitionSpec("expert", None, "model"), spec
-  # Reduction order differs across shards; AdamW's m / sqrt(v) amplifies that for near-zero gradients, hence atol.
-  chex.assert_trees_all_close(results[0][0], results[1][0], atol=1e-4, rtol=1e-3)
-  np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-5)
+        if kind == "moe":
+          spec = state_sharding.params["block_1"]["moe"]["w_gate"].spec
+          assert spec == PartitionSpec("expert", None, "model"), spec
+        else:
+          spec = state_sharding.params["block_1"]["hmoe"]["u_gate"].spec
+          assert spec == PartitionSpec("expert", None, None, None), spec
+  (moved_single, routing_single, loss_single), (moved_sharded, routing_sharded, loss_sharded) = results
+  scale = max(float(np.max(np.abs(leaf))) for leaf in jax.tree.leaves(moved_single))
+  assert scale > 1e-3  # The steps really moved the parameters.
+  # Two steps of summed gradients, equal up to float32 reduction order.
+  chex.assert_trees_all_close(moved_sharded, moved_single, atol=2e-6, rtol=1e-4)
+  chex.assert_trees_all_close(routing_sharded, routing_single, atol=1e-6, rtol=1e-5)
+  np.testing.assert_allclose(loss_sharded, loss_single, rtol=1e-5)
 
 
 def test_pod_config_shapes_without_memory():

@@ -1,7 +1,12 @@
-"""End to end: the training loop on a small WikiText-like corpus, resume, NaN stop, checkpoint corruption."""
+"""End to end: the training loop on a small WikiText-like corpus, exact resume (MoE and HMoE with regroups, jitter
+and dropout on), NaN stop, checkpoint corruption, auxiliary-loss weighting and the NaN guard.
+
+Each kind trains one straight run per module (`_straight`), shared by the tests that only read it.
+"""
 
 import functools
 import pathlib
+import shutil
 
 import chex
 import jax
@@ -10,7 +15,7 @@ import numpy as np
 import pytest
 
 from experiments.configs import tiny
-from hmoe.config import MoEConfig, from_config_dict
+from hmoe.config import HMoEConfig, MoEConfig, from_config_dict
 from hmoe.data import batching, wikitext as data
 from hmoe.model.transformer import TransformerLM
 from hmoe.routing.losses import update_balancing_bias
@@ -18,13 +23,22 @@ from hmoe.testing import dummy_batch, tiny_config
 from hmoe.train import checkpoint, metrics, optimizer as optimizer_lib, state as state_lib, step as step_lib
 from hmoe.train.loop import train_and_evaluate
 
+_HMOE = dict(num_experts=8, num_clusters=2, rank=4, expert_ff=32, block_size=8, recluster_every=2,
+             min_gain=-1.0,  # Always adopt, so every regroup really moves experts.
+             bias_update_rate=0.01, router_jitter=0.1)
 
-def _config(data_dir, moe_overrides=None, **train_overrides):
+
+def _config(data_dir, kind="moe", moe_overrides=None, **train_overrides):
   raw = tiny.get_config().to_dict()
   raw["data"]["data_dir"] = str(data_dir)
   raw["data"]["eval_splits"] = ("valid", "test")
-  raw["model"]["moe"].update(moe_overrides or {})
-  raw["train"].update(train_overrides)
+  raw["model"]["dropout_rate"] = 0.1
+  if kind == "hmoe":
+    raw["model"]["ffn_pattern"] = "dense,hmoe"
+    raw["model"]["hmoe"] = dict(_HMOE)
+  else:
+    raw["model"]["moe"].update(bias_update_rate=0.01, router_jitter=0.1, **(moe_overrides or {}))
+  raw["train"].update(dict(num_steps=6, checkpoint_every=2, keep_checkpoints=3), **train_overrides)
   return from_config_dict(raw)
 
 
@@ -32,6 +46,20 @@ def _restore_final(workdir: pathlib.Path, config):
   model, optimizer = TransformerLM(config.model), optimizer_lib.make_optimizer(config.train)
   abstract = jax.eval_shape(functools.partial(state_lib.init_train_state, model, optimizer, config))
   return checkpoint.Checkpointer(workdir / "checkpoints").restore(abstract)
+
+
+@pytest.fixture(scope="module")
+def straight(wikitext_dir, tmp_path_factory):
+  """kind -> (config, workdir, results) of one uninterrupted 6-step run, trained on first use."""
+  runs = {}
+
+  def run(kind):
+    if kind not in runs:
+      config, workdir = _config(wikitext_dir, kind), tmp_path_factory.mktemp(f"straight_{kind}")
+      runs[kind] = (config, workdir, train_and_evaluate(config, workdir))
+    return runs[kind]
+
+  return run
 
 
 def test_train_step_compiles_once():
@@ -47,11 +75,10 @@ def test_train_step_compiles_once():
   assert int(state.step) == 3 and all(np.isfinite(losses))
 
 
-def test_run_logs_metrics_and_reports_word_perplexity(wikitext_dir, tmp_path):
-  config = _config(wikitext_dir)
-  results = train_and_evaluate(config, tmp_path)
+def test_run_logs_metrics_and_reports_word_perplexity(straight, wikitext_dir):
+  config, workdir, results = straight("moe")
   assert results["step"] == config.train.num_steps
-  records = metrics.read_metrics(tmp_path / "metrics.jsonl")
+  records = metrics.read_metrics(workdir / "metrics.jsonl")
   train_records = [r for r in records if "train/loss" in r]
   assert [r["step"] for r in train_records] == [2, 4, 6]
   (model_record,) = [r for r in records if "model/params_total" in r]
@@ -62,40 +89,51 @@ def test_run_logs_metrics_and_reports_word_perplexity(wikitext_dir, tmp_path):
     assert key in train_records[-1], key
   assert len(train_records[-1]["train/expert_load"]) == 1  # One MoE layer...
   assert len(train_records[-1]["train/expert_load"][0]) == 4  # ...of 4 experts.
-  valid_words = data.count_words(wikitext_dir / "wikitext-2" / "wiki.valid.tokens")
-  assert results["valid/num_words"] == valid_words
-  # Word perplexity re-derived from the token loss: exp(loss * tokens / words).
-  expected = np.exp(results["valid/loss"] * results["valid/num_tokens"] / valid_words)
-  np.testing.assert_allclose(results["valid/word_perplexity"], expected, rtol=1e-5)
-  assert results["test/num_tokens"] > 0 and np.isfinite(results["test/word_perplexity"])
+  for split in ("valid", "test"):
+    path = wikitext_dir / "wikitext-2" / f"wiki.{split}.tokens"
+    words = data.count_words(path)
+    assert results[f"{split}/num_words"] == words
+    # Every token of the split is scored once: as many as the tokenizer makes of it (+1 eos per line).
+    encoded = data.load_split(_tokenizer(workdir), path)
+    assert results[f"{split}/num_tokens"] == len(encoded.tokens)
+    expected = np.exp(results[f"{split}/loss"] * len(encoded.tokens) / words)
+    np.testing.assert_allclose(results[f"{split}/word_perplexity"], expected, rtol=1e-5)
 
 
-def test_interrupted_run_resumes_exactly(wikitext_dir, tmp_path, monkeypatch):
-  # With auxiliary-loss-free balancing on, so its biases (state outside params) must resume exactly too.
-  config = _config(wikitext_dir, dict(bias_update_rate=0.01), num_steps=6, checkpoint_every=2, keep_checkpoints=2)
-  train_and_evaluate(config, tmp_path / "straight")
+def _tokenizer(workdir):
+  from hmoe.data.tokenizer import Tokenizer
+  return Tokenizer.load(workdir / "tokenizer.json")
 
+
+@pytest.mark.parametrize("kind, crash_step", [("moe", 5), ("hmoe", 3)])
+def test_interrupted_run_resumes_exactly(straight, tmp_path, monkeypatch, kind, crash_step):
+  # Jitter, dropout and balancing biases on (and for the HMoE a regroup before and after the crash), so the per-step
+  # rng streams and the routing state outside params must resume exactly: compared at atol 0 on CPU.
+  config, straight_dir, _ = straight(kind)
   real_train_batch = batching.train_batch
 
-  def crash_at_step_5(tokens, step, *args):
-    if step == 5:
+  def crash(tokens, step, *args):
+    if step == crash_step:
       raise KeyboardInterrupt("simulated kill")
     return real_train_batch(tokens, step, *args)
 
-  monkeypatch.setattr(batching, "train_batch", crash_at_step_5)
+  monkeypatch.setattr(batching, "train_batch", crash)
   with pytest.raises(KeyboardInterrupt):
-    train_and_evaluate(config, tmp_path / "resumed")
+    train_and_evaluate(config, tmp_path)
   monkeypatch.setattr(batching, "train_batch", real_train_batch)
-  assert checkpoint.Checkpointer(tmp_path / "resumed" / "checkpoints").latest_step() == 4
-  train_and_evaluate(config, tmp_path / "resumed")
+  assert checkpoint.Checkpointer(tmp_path / "checkpoints").latest_step() == crash_step - 1
+  train_and_evaluate(config, tmp_path)
 
-  step_a, state_a = _restore_final(tmp_path / "straight", config)
-  step_b, state_b = _restore_final(tmp_path / "resumed", config)
+  step_a, state_a = _restore_final(straight_dir, config)
+  step_b, state_b = _restore_final(tmp_path, config)
   assert step_a == step_b == 6
-  chex.assert_trees_all_close(state_a.params, state_b.params, atol=1e-6, rtol=1e-6)
-  chex.assert_trees_all_close(state_a.opt_state, state_b.opt_state, atol=1e-6, rtol=1e-6)
+  chex.assert_trees_all_close(state_a, state_b, atol=0, rtol=0)
   assert float(jnp.max(jnp.abs(state_a.routing_state.selection_bias))) > 0
-  chex.assert_trees_all_close(state_a.routing_state.selection_bias, state_b.routing_state.selection_bias, atol=1e-7)
+  if kind == "hmoe":
+    assert int(state_a.routing_state.clusters.num_regroups) == 2
+  rows_a = [r for r in metrics.read_metrics(straight_dir / "metrics.jsonl") if "test/loss" in r]
+  rows_b = [r for r in metrics.read_metrics(tmp_path / "metrics.jsonl") if "test/loss" in r]
+  assert rows_a[-1]["test/loss"] == rows_b[-1]["test/loss"]
 
 
 def test_nan_loss_stops_with_usable_checkpoint(wikitext_dir, tmp_path):
@@ -128,26 +166,48 @@ def test_moe_selection_bias_steers_routing_and_moves_against_load():
   assert state_lib.init_train_state(TransformerLM(plain.model), optimizer, plain).routing_state.selection_bias is None
 
 
-def test_nan_guard_freezes_state():
-  config = tiny_config()
+def test_auxiliary_losses_enter_the_loss_with_their_weights_summed_over_layers():
+  hmoe = HMoEConfig(num_experts=4, num_clusters=2, rank=2, expert_ff=16, block_size=8, balance_loss_weight=0.5,
+                    cluster_balance_loss_weight=0.25, z_loss_weight=0.125)
+  config = tiny_config(ffn_pattern="hmoe", hmoe=hmoe)  # Two routed layers: a sum, not a mean, over layers.
+  model, optimizer = TransformerLM(config.model), optimizer_lib.make_optimizer(config.train)
+  state = state_lib.init_train_state(model, optimizer, config)
+  batch = dummy_batch(config)
+  _, step_metrics = jax.jit(functools.partial(step_lib.train_step, model=model, optimizer=optimizer,
+                                              config=config))(state, batch)
+  _, stats = model.apply({"params": state.params}, batch["inputs"], train=True, rngs=step_lib.step_rngs(state))
+  chex.assert_shape(stats.balance_loss, (2,))
+  expected = (0.5 * np.sum(stats.balance_loss) + 0.25 * np.sum(stats.cluster_balance_loss)
+              + 0.125 * np.sum(stats.z_loss))
+  assert expected > 0.5
+  np.testing.assert_allclose(step_metrics["loss"] - step_metrics["ce_loss"], expected, rtol=1e-5)
+  np.testing.assert_allclose(step_metrics["balance_loss"], np.mean(stats.balance_loss), rtol=1e-6)
+
+
+def test_nan_guard_freezes_state_including_the_routing_state():
+  hmoe = HMoEConfig(num_experts=4, num_clusters=2, rank=2, expert_ff=16, block_size=8, bias_update_rate=0.01)
+  config = tiny_config(ffn_pattern="dense,hmoe", hmoe=hmoe)
   model, optimizer = TransformerLM(config.model), optimizer_lib.make_optimizer(config.train)
   state = state_lib.init_train_state(model, optimizer, config)
   train_fn = jax.jit(functools.partial(step_lib.train_step, model=model, optimizer=optimizer, config=config))
   state, _ = train_fn(state, dummy_batch(config))
+  assert float(jnp.max(jnp.abs(state.routing_state.clusters.centroid))) > 0  # Statistics were being gathered.
   poisoned = state.replace(opt_state=jax.tree.map(lambda x: x * jnp.nan if x.dtype == jnp.float32 else x,
                                                   state.opt_state))
-  after, step_metrics = train_fn(poisoned, dummy_batch(config, 1))
+  after, _ = train_fn(poisoned, dummy_batch(config, 1))
   assert int(after.nan_step) == 1 and int(after.step) == 1
-  chex.assert_trees_all_close(after.params, state.params)
+  chex.assert_trees_all_close(after.params, state.params, atol=0, rtol=0)
+  # The skipped step's statistics and bias updates are discarded too.
+  chex.assert_trees_all_close(after.routing_state, state.routing_state, atol=0, rtol=0)
   # Later healthy-looking steps do not unfreeze it.
   later, _ = train_fn(after, dummy_batch(config, 2))
   assert int(later.step) == 1 and int(later.nan_step) == 1
-  del step_metrics
+  chex.assert_trees_all_close(later.routing_state, state.routing_state, atol=0, rtol=0)
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_older(wikitext_dir, tmp_path):
-  config = _config(wikitext_dir, checkpoint_every=2, keep_checkpoints=3)
-  train_and_evaluate(config, tmp_path)
+def test_corrupt_latest_checkpoint_falls_back_to_older(straight, tmp_path):
+  config, straight_dir, _ = straight("moe")
+  shutil.copytree(straight_dir / "checkpoints", tmp_path / "checkpoints")
   checkpointer = checkpoint.Checkpointer(tmp_path / "checkpoints")
   assert checkpointer.all_steps() == [2, 4, 6]
   for path in (tmp_path / "checkpoints" / "6").rglob("*"):
@@ -159,7 +219,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_older(wikitext_dir, tmp_path):
     for path in (tmp_path / "checkpoints" / step_dir).rglob("*"):
       if path.is_file():
         path.write_bytes(b"garbage")
-  with pytest.raises(checkpoint.CheckpointError, match="no readable checkpoint"):
+  with pytest.raises(checkpoint.CheckpointError, match=r"no readable checkpoint(.|\n)*/6 is unreadable"):
     _restore_final(tmp_path, config)
 
 
@@ -170,16 +230,9 @@ def test_missing_data_fails_before_compiling(tmp_path):
     train_and_evaluate(config, tmp_path / "run")
 
 
-def test_hmoe_run_regroups_on_schedule_and_checkpoints_cluster_state(wikitext_dir, tmp_path):
-  raw = tiny.get_config().to_dict()
-  raw["data"]["data_dir"] = str(wikitext_dir)
-  raw["model"]["ffn_pattern"] = "dense,hmoe"
-  raw["model"]["hmoe"] = dict(num_experts=8, num_clusters=2, rank=4, expert_ff=32, block_size=8, recluster_every=2,
-                              min_gain=-1.0,  # Always adopt, so every regroup really moves experts.
-                              bias_update_rate=0.01)
-  config = from_config_dict(raw)
-  results = train_and_evaluate(config, tmp_path)
-  records = metrics.read_metrics(tmp_path / "metrics.jsonl")
+def test_hmoe_run_regroups_on_schedule_and_checkpoints_cluster_state(straight):
+  config, workdir, results = straight("hmoe")
+  records = metrics.read_metrics(workdir / "metrics.jsonl")
   regroups = [r for r in records if "regroup/loss_before" in r]
   assert [r["step"] for r in regroups] == [2, 4]
   assert all(r["regroup/adopted"] == [True] for r in regroups)
@@ -189,7 +242,7 @@ def test_hmoe_run_regroups_on_schedule_and_checkpoints_cluster_state(wikitext_di
   for key in ("train/cluster_load_cv", "train/cluster_load_max_over_mean", "train/load_cv", "regroup/stability"):
     assert any(key in r for r in records), key
   assert results["params_expert"] > 0 and np.isfinite(results["valid/word_perplexity"])
-  _, state = _restore_final(tmp_path, config)
+  _, state = _restore_final(workdir, config)
   clusters = state.routing_state.clusters
   assert int(clusters.num_regroups) == 2 and int(clusters.last_regroup_step) == 4
   assert float(jnp.max(jnp.abs(state.routing_state.selection_bias))) > 0  # Balancing biases were updated.
