@@ -1,4 +1,4 @@
-"""Dense vs standard MoE vs hierarchical MoE on WikiText-2, everything but the FFN kind equal (issue: HMoE comparison).
+"""Dense vs standard MoE vs hierarchical MoE on WikiText-2, everything but the FFN kind equal.
 
   python -m experiments.train --config=experiments/configs/compare.py:hmoe8x4 --workdir=runs/compare/hmoe8x4
   python -m experiments.compare --runs_dir=runs/compare      # the README table (after all variants trained)
