@@ -2,10 +2,11 @@
 
   python -m experiments.convert_moe --moe_workdir=runs/compare/moe --members=4 --workdir=runs/convert/g8x4
 
-Reads the MoE run's config and newest checkpoint, evaluates it on the full valid/test splits, converts every MoE layer
-(`hmoe.clustering.convert`: cluster the experts, shared base + rank-R SVD residuals), evaluates the converted model without any
-training, then fine-tunes it for --finetune_steps on the batches that follow the MoE run's last step (fresh AdamW at
---finetune_lr, regrouping off) and evaluates again. Prints a summary and writes it to <workdir>/summary.json.
+Reads the MoE run's config and newest checkpoint, evaluates it on the full valid/test splits (with its balancing
+biases, if any), converts every MoE layer (`hmoe.clustering.convert`: cluster the experts, shared base + rank-R SVD
+residuals), evaluates the converted model without any training, then fine-tunes it for --finetune_steps on the
+batches that follow the MoE run's last step (fresh AdamW at --finetune_lr, regrouping off) and evaluates again.
+Prints a summary and writes it to <workdir>/summary.json.
 """
 
 import dataclasses
