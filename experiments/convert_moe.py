@@ -14,6 +14,7 @@ import functools
 import json
 import pathlib
 import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,7 @@ from hmoe.model.param_counts import parameter_counts
 from hmoe.model.transformer import TransformerLM
 from hmoe.train import checkpoint, optimizer as optimizer_lib, state as state_lib, step as step_lib
 from hmoe.train.evaluation import evaluate
-from hmoe.train.loop import quiet_library_logging, train_and_evaluate
+from hmoe.train.loop import USER_ERRORS, quiet_library_logging, train_and_evaluate
 
 _MOE_WORKDIR = flags.DEFINE_string("moe_workdir", None, "Workdir of a finished standard-MoE run.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the converted model is fine-tuned.")
@@ -61,6 +62,8 @@ def _evaluate_all(config, params, routing_state, corpus) -> dict[str, float]:
 def run(moe_workdir: pathlib.Path, workdir: pathlib.Path, *, members: int, rank: int, finetune_steps: int,
         finetune_lr: float, seed: int = 0) -> dict:
   """The whole experiment; returns (and writes to <workdir>/summary.json) the summary."""
+  if workdir.resolve() == moe_workdir.resolve():
+    raise ValueError(f"--workdir={workdir} is the MoE run itself; the converted model needs a workdir of its own")
   moe_config = from_config_dict(json.loads((moe_workdir / "config.json").read_text()))
   num_experts = moe_config.model.moe.num_experts
   if num_experts % members:
@@ -109,9 +112,12 @@ def run(moe_workdir: pathlib.Path, workdir: pathlib.Path, *, members: int, rank:
 def main(argv):
   del argv
   quiet_library_logging()
-  summary = run(pathlib.Path(_MOE_WORKDIR.value), pathlib.Path(_WORKDIR.value), members=_MEMBERS.value,
-                rank=_RANK.value, finetune_steps=_FINETUNE_STEPS.value, finetune_lr=_FINETUNE_LR.value,
-                seed=_SEED.value)
+  try:
+    summary = run(pathlib.Path(_MOE_WORKDIR.value), pathlib.Path(_WORKDIR.value), members=_MEMBERS.value,
+                  rank=_RANK.value, finetune_steps=_FINETUNE_STEPS.value, finetune_lr=_FINETUNE_LR.value,
+                  seed=_SEED.value)
+  except USER_ERRORS as error:
+    sys.exit(f"error: {error}")
   print(json.dumps(summary, indent=2))
 
 

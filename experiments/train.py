@@ -3,19 +3,26 @@
   python -m experiments.train --config=experiments/configs/small.py --workdir=runs/small_moe \
       --config.model.ffn_pattern=moe
 
-The run resumes automatically from the newest checkpoint in --workdir.
+The run resumes automatically from the newest checkpoint in --workdir, with the config it was started with;
+`--allow_config_change=train.learning_rate,train.num_steps` accepts (and logs) changes of such safe fields. Errors a
+user can fix (a bad config value, missing data, a locked or foreign workdir, a diverged run) end the process with one
+line on stderr and exit status 1.
 """
+
+import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from hmoe.config import from_config_dict
-from hmoe.train.loop import quiet_library_logging, train_and_evaluate
+from hmoe.train.loop import USER_ERRORS, quiet_library_logging, train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and caches.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "WikiText root (default: $HMOE_DATA_DIR, else ../shared/data).")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_list(
+    "allow_config_change", [], "Fields a resume may change (only safe ones: hmoe.train.run_dir.SAFE_TO_CHANGE).")
 
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -26,9 +33,12 @@ def main(argv):
   raw = _CONFIG.value.to_dict()
   if _DATA_DIR.value:
     raw["data"]["data_dir"] = _DATA_DIR.value
-  config = from_config_dict(raw)  # Validates every field before anything compiles.
-  logging.info("JAX %s on %s", jax.__version__, jax.devices())
-  results = train_and_evaluate(config, _WORKDIR.value)
+  try:
+    config = from_config_dict(raw)  # Validates every field before anything compiles.
+    logging.info("JAX %s on %s", jax.__version__, jax.devices())
+    results = train_and_evaluate(config, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+  except USER_ERRORS as error:
+    sys.exit(f"error: {error}")
   for key, value in sorted(results.items()):
     print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
 

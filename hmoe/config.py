@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import fractions
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -252,6 +253,11 @@ class ModelConfig:
              f"model.ffn_pattern={self.ffn_pattern!r} mixes 'moe' and 'hmoe'; compare them in separate models")
     if self.routed is not None:
       self.routed.validate()
+    if self.routed_kind == "hmoe":
+      # Each factored matrix is [D, F] or [F, D]: a rank above min(D, F) has no truncated SVD to re-initialise from.
+      _require(self.hmoe.rank <= min(self.d_model, self.hmoe.expert_ff),
+               f"hmoe.rank={self.hmoe.rank} must be <= min(model.d_model={self.d_model}, "
+               f"hmoe.expert_ff={self.hmoe.expert_ff}), the rank of the matrices it factors")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,6 +302,7 @@ class TrainConfig:
 
   def validate(self) -> None:
     _require(self.num_steps >= 1, f"train.num_steps must be >= 1, got {self.num_steps}")
+    _require(isinstance(self.seed, int) and self.seed >= 0, f"train.seed must be an int >= 0, got {self.seed!r}")
     _require(self.learning_rate > 0, f"train.learning_rate must be > 0, got {self.learning_rate}")
     # Strictly below num_steps: the cosine part of the schedule needs at least one step (optax rejects zero).
     _require(0 <= self.warmup_steps < self.num_steps,
@@ -320,6 +327,7 @@ class ExperimentConfig:
   train: TrainConfig
 
   def validate(self) -> None:
+    _check_finite(self, "")
     self.model.validate()
     self.data.validate()
     self.train.validate()
@@ -333,6 +341,16 @@ class ExperimentConfig:
 
 
 _SECTIONS = {"moe": MoEConfig, "hmoe": HMoEConfig}
+
+
+def _check_finite(config: Any, prefix: str) -> None:
+  """Every float field of a config tree is finite: inf or nan would pass range checks like `> 0` and fail later."""
+  for field in dataclasses.fields(config):
+    value = getattr(config, field.name)
+    if dataclasses.is_dataclass(value):
+      _check_finite(value, f"{prefix}{field.name}.")
+    elif isinstance(value, float):
+      _require(math.isfinite(value), f"{prefix}{field.name} must be finite, got {value!r}")
 
 
 def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:

@@ -36,6 +36,14 @@ def _tiny(**overrides):
     ({"train__fan_in_lr_base": -1}, "train.fan_in_lr_base must be >= 0"),
     ({"model__moe__bias_update_rate": -0.001}, "moe.bias_update_rate must be >= 0"),
     ({"model__moe__routed_scale": 0.0}, "moe.routed_scale must be > 0"),
+    # Non-finite and out-of-range values that range checks alone let through (they failed late before).
+    ({"model__moe__capacity_factor": float("inf")}, "model.moe.capacity_factor must be finite, got inf"),
+    ({"train__learning_rate": float("inf")}, "train.learning_rate must be finite, got inf"),
+    ({"train__weight_decay": float("nan")}, "train.weight_decay must be finite, got nan"),
+    ({"train__seed": -1}, "train.seed must be an int >= 0, got -1"),
+    ({"model__ffn_pattern": "dense,hmoe", "model__hmoe__num_experts": 4, "model__hmoe__num_clusters": 2,
+      "model__hmoe__expert_ff": 64, "model__hmoe__rank": 40}, "hmoe.rank=40 must be <= min(model.d_model=32"),
+    ({"model__ffn_pattern": "dense,hmoe", "model__hmoe__router_jitter": 1.5}, "hmoe.router_jitter must be in [0, 1)"),
 ])
 def test_invalid_values_are_named(overrides, message):
   with pytest.raises(ValueError) as error:

@@ -202,6 +202,28 @@ def test_load_split_cache(tok, split_file, tmp_path, monkeypatch):
   assert data.load_split(other_tok, split_file).tokens.tolist() == other.tokens.tolist()
 
 
+def test_damaged_token_cache_is_named_and_rebuilt(tok, split_file, tmp_path, caplog):
+  cache = tmp_path / "cache"
+  first = data.load_split(tok, split_file, cache_dir=cache)
+  (cache_file,) = cache.iterdir()
+  raw = cache_file.read_bytes()
+  for damaged in (raw[: len(raw) // 2], raw[:-40] + bytes(40)):  # Truncated; corrupted in place (same size).
+    cache_file.write_bytes(damaged)
+    caplog.clear()
+    again = data.load_split(tok, split_file, cache_dir=cache)
+    np.testing.assert_array_equal(again.tokens, first.tokens)
+    assert str(cache_file) in caplog.text and "re-encoding" in caplog.text
+    assert cache_file.read_bytes() == raw  # Rewritten whole.
+
+
+def test_invalid_utf8_names_file_line_and_offset(tmp_path):
+  path = tmp_path / "wiki.train.tokens"
+  path.write_bytes(b" = A = \n the cat \n sat \xff on \n")
+  for read in (data.count_words, lambda p: tok_lib.train_tokenizer(p, vocab_size=300)):
+    with pytest.raises(ValueError, match=rf"{path}: invalid UTF-8 at line 3, byte offset 23 .*b'\\xff'"):
+      read(path)
+
+
 def test_load_split_cache_invalidated_by_file_change(tok, tmp_path):
   path = tmp_path / "wiki.valid.tokens"
   path.write_text(_SAMPLE)

@@ -20,7 +20,7 @@ from hmoe.data import batching, wikitext as data
 from hmoe.model.transformer import TransformerLM
 from hmoe.routing.losses import update_balancing_bias
 from hmoe.testing import dummy_batch, tiny_config
-from hmoe.train import checkpoint, metrics, optimizer as optimizer_lib, state as state_lib, step as step_lib
+from hmoe.train import checkpoint, metrics, optimizer as optimizer_lib, run_dir, state as state_lib, step as step_lib
 from hmoe.train.loop import train_and_evaluate
 
 _HMOE = dict(num_experts=8, num_clusters=2, rank=4, expert_ff=32, block_size=8, recluster_every=2,
@@ -136,14 +136,23 @@ def test_interrupted_run_resumes_exactly(straight, tmp_path, monkeypatch, kind, 
   assert rows_a[-1]["test/loss"] == rows_b[-1]["test/loss"]
 
 
-def test_nan_loss_stops_with_usable_checkpoint(wikitext_dir, tmp_path):
+def test_nan_stop_saves_the_last_good_state_and_resumes_with_a_saner_learning_rate(wikitext_dir, tmp_path):
   # Warmup starts at learning rate 0, so step 0 is a healthy no-op; step 1's absurd update overflows.
   config = _config(wikitext_dir, learning_rate=1e30, warmup_steps=2)
-  with pytest.raises(FloatingPointError, match="non-finite at step 1"):
+  with pytest.raises(FloatingPointError, match=r"the (loss|gradient norm|parameter update) became non-finite at "
+                                               r"step 1.*--allow_config_change=train.learning_rate"):
     train_and_evaluate(config, tmp_path)
   step, state = _restore_final(tmp_path, config)
-  assert step == 1 and int(state.step) == 1 and int(state.nan_step) == 1
+  assert step == 1 and int(state.step) == 1 and int(state.nan_step) == -1  # Saved without the stop marker.
   assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(state.params))
+  rows = metrics.read_metrics(tmp_path / "metrics.jsonl")
+  assert [r["diverged/step"] for r in rows if "diverged/step" in r] == [1]
+  assert [r["step"] for r in rows if "train/ce_loss" in r] == [1]  # The good step before the NaN is logged.
+  sane = _config(wikitext_dir, warmup_steps=2)
+  with pytest.raises(run_dir.RunDirectoryError, match="train.learning_rate: 1e"):
+    train_and_evaluate(sane, tmp_path)
+  results = train_and_evaluate(sane, tmp_path, allow_config_change=["train.learning_rate"])
+  assert results["step"] == 6 and np.isfinite(results["valid/loss"])
 
 
 def test_moe_selection_bias_steers_routing_and_moves_against_load():

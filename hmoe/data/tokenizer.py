@@ -34,6 +34,8 @@ from collections.abc import Iterator, Sequence
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
+from hmoe.data.wikitext import decode_text
+
 PAD_TOKEN = "<pad>"
 EOS_TOKEN = "<eos>"
 UNK_TOKEN = "<unk>"
@@ -156,11 +158,12 @@ def _special_added_tokens() -> list[tokenizers.AddedToken]:
 
 
 def _iter_lines(path: pathlib.Path) -> Iterator[str]:
-  # newline="\n": WikiText lines end in "\n" only; no other separators count.
-  with open(path, encoding="utf-8", newline="\n") as f:
-    for line in f:
-      if not line.isspace():
-        yield line
+  # WikiText lines end in "\n" only; no other separators count. Lines keep their "\n", as a text file yields them.
+  parts = decode_text(pathlib.Path(path).read_bytes(), path).split("\n")
+  lines = [part + "\n" for part in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
+  for line in lines:
+    if not line.isspace():
+      yield line
 
 
 def _check_vocab_size(vocab_size: int) -> None:

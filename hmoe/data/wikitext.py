@@ -31,7 +31,7 @@ WIKITEXT_URLS = {
 # The directory holding the hmoe package: a checkout's root.
 _REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 # Bump when the cached array layout or encoding convention changes.
-_CACHE_FORMAT_VERSION = 1
+_CACHE_FORMAT_VERSION = 2
 
 PathLike = str | os.PathLike[str]
 
@@ -158,10 +158,20 @@ def _extract_split_files(archive: pathlib.Path, out_dir: pathlib.Path, url: str)
 # ----------------------------------------------------------------------------
 
 
-def _split_lines(raw: bytes) -> list[str]:
+def decode_text(raw: bytes, path: PathLike) -> str:
+  """`raw` decoded as UTF-8; invalid bytes raise a ValueError naming the file, the line and the byte offset."""
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as error:
+    line = raw.count(b"\n", 0, error.start) + 1
+    raise ValueError(f"{path}: invalid UTF-8 at line {line}, byte offset {error.start} ({error.reason}, "
+                     f"byte {raw[error.start:error.start + 1]!r}); WikiText files are UTF-8") from None
+
+
+def _split_lines(raw: bytes, path: PathLike) -> list[str]:
   # Only "\n" separates lines (str.splitlines would also split on \x1c, \u2028, ...), and a final "\n" does not
   # start another line: this reproduces the official counts.
-  lines = raw.decode("utf-8").split("\n")
+  lines = decode_text(raw, path).split("\n")
   if lines[-1] == "":
     lines.pop()
   return lines
@@ -177,7 +187,7 @@ def count_words(path: PathLike) -> int:
   Every line counts, empty ones included, which reproduces the official counts (WikiText-2 train 2,088,628 /
   valid 217,646 / test 245,569).
   """
-  return _count_words_in_lines(_split_lines(pathlib.Path(path).read_bytes()))
+  return _count_words_in_lines(_split_lines(pathlib.Path(path).read_bytes(), path))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -201,8 +211,9 @@ def load_split(tokenizer: _LineTokenizer, path: PathLike, cache_dir: PathLike | 
   Args:
     tokenizer: An `hmoe.tokenizer.Tokenizer` (anything with `encode_batch`, `eos_id` and `fingerprint`).
     path: A WikiText-style file; empty lines encode to just eos.
-    cache_dir: If given, the int32 array is cached there as `<file name>.<key>.npy`, the key hashing the file's
-      size and contents and the tokenizer fingerprint, so a changed file or tokenizer misses the cache.
+    cache_dir: If given, the int32 array is cached there as `<file name>.<key>.npz` with its SHA-256, the key hashing
+      the file's size and contents and the tokenizer fingerprint, so a changed file or tokenizer misses the cache; a
+      truncated or corrupted cache file is named in a warning and re-encoded.
 
   Returns:
     SplitTokens with tokens int32 [N].
@@ -211,20 +222,21 @@ def load_split(tokenizer: _LineTokenizer, path: PathLike, cache_dir: PathLike | 
   if not path.is_file():
     raise FileNotFoundError(f"split file not found: {path}")
   raw = path.read_bytes()
-  lines = _split_lines(raw)
+  lines = _split_lines(raw, path)
   num_words = _count_words_in_lines(lines)
   cache_file = None
   if cache_dir is not None:
     key = hashlib.sha256()
     key.update(f"v{_CACHE_FORMAT_VERSION}:{len(raw)}:{tokenizer.fingerprint}:".encode())
     key.update(raw)
-    cache_file = pathlib.Path(cache_dir) / f"{path.name}.{key.hexdigest()[:16]}.npy"
+    cache_file = pathlib.Path(cache_dir) / f"{path.name}.{key.hexdigest()[:16]}.npz"
     if cache_file.is_file():
-      tokens = np.load(cache_file)
-      return SplitTokens(tokens=tokens, num_words=num_words, path=str(path))
+      tokens = _load_cache(cache_file)
+      if tokens is not None:
+        return SplitTokens(tokens=tokens, num_words=num_words, path=str(path))
   tokens = _encode_lines(tokenizer, lines)
   if cache_file is not None:
-    _save_npy_atomic(cache_file, tokens)
+    _save_cache_atomic(cache_file, tokens)
   return SplitTokens(tokens=tokens, num_words=num_words, path=str(path))
 
 
@@ -235,12 +247,30 @@ def _encode_lines(tokenizer: _LineTokenizer, lines: list[str]) -> np.ndarray:
   return np.array([i for ids in encoded for i in (*ids, *eos)], dtype=np.int32)
 
 
-def _save_npy_atomic(path: pathlib.Path, array: np.ndarray) -> None:
+def _digest(tokens: np.ndarray) -> np.ndarray:
+  return np.frombuffer(hashlib.sha256(np.ascontiguousarray(tokens).tobytes()).digest(), np.uint8)
+
+
+def _load_cache(path: pathlib.Path) -> np.ndarray | None:
+  """The cached tokens, or None (with a warning naming the file) if the file is truncated or fails its digest."""
+  try:
+    with np.load(path) as cached:
+      tokens, digest = cached["tokens"], cached["sha256"]
+  except Exception as error:  # np.load raises many types on a damaged file (ValueError, EOFError, BadZipFile, ...).
+    logging.warning("token cache %s is unreadable (%s: %s); re-encoding it", path, type(error).__name__, error)
+    return None
+  if not np.array_equal(digest, _digest(tokens)):
+    logging.warning("token cache %s fails its SHA-256 check; re-encoding it", path)
+    return None
+  return tokens
+
+
+def _save_cache_atomic(path: pathlib.Path, tokens: np.ndarray) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
   try:
     with os.fdopen(fd, "wb") as f:
-      np.save(f, array)
+      np.savez(f, tokens=tokens, sha256=_digest(tokens))
     os.replace(tmp, path)
   except BaseException:
     pathlib.Path(tmp).unlink(missing_ok=True)

@@ -7,14 +7,12 @@ checkpointed `TrainState`; the tokenizer and encoded splits are cached in the wo
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import logging as std_logging
 import pathlib
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -30,8 +28,12 @@ from hmoe.data.corpus import load_corpus
 from hmoe.model.param_counts import parameter_counts
 from hmoe.model.transformer import TransformerLM
 from hmoe.parallel import sharding
-from hmoe.train import checkpoint, metrics, optimizer as optimizer_lib, state as state_lib, step as step_lib
+from hmoe.train import checkpoint, metrics, optimizer as optimizer_lib, run_dir, state as state_lib, step as step_lib
 from hmoe.train.evaluation import evaluate
+
+# Errors a user fixes by changing the command (a config value, the data, the workdir, the learning rate): entry points
+# report them as one line and exit with status 1 instead of a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, run_dir.RunDirectoryError, checkpoint.CheckpointError, FloatingPointError)
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -64,17 +66,40 @@ def _summarise_train_metrics(history: list[dict[str, jax.Array]], tokens: int, s
   return summary
 
 
+def _divergence_cause(step_metrics: dict[str, jax.Array]) -> str:
+  """What became non-finite at a diverged step: the loss, else the gradient, else the update (e.g. the moments)."""
+  values = jax.device_get(step_metrics)
+  if not np.isfinite(values["loss"]):
+    return "loss"
+  return "gradient norm" if not np.isfinite(values["grad_norm"]) else "parameter update"
+
+
 def train_and_evaluate(config: ExperimentConfig, workdir: str | pathlib.Path, *,
-                       warm_start: Callable[[state_lib.TrainState], state_lib.TrainState] | None = None
-                       ) -> dict[str, Any]:
+                       warm_start: Callable[[state_lib.TrainState], state_lib.TrainState] | None = None,
+                       allow_config_change: Sequence[str] = ()) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming if it holds checkpoints) and returns the final evaluation.
 
+  The workdir is locked for the run (`hmoe.train.run_dir.RunLock`); a resume must request the config the run was
+  started with, except for the safe fields named in `allow_config_change` (`hmoe.train.run_dir.reconcile_config`).
   `warm_start` maps the freshly initialised state to the one a new run starts from (for example converted parameters,
   `experiments/convert_moe.py`). It must keep shapes; a run that resumes from a checkpoint does not call it.
   """
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+  run_dir.check_writable(workdir)
+  with run_dir.RunLock(workdir):
+    run_dir.check_writable(workdir / "checkpoints")
+    checkpointer = checkpoint.Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
+    steps = checkpointer.all_steps()
+    run_dir.reconcile_config(workdir, config, resuming=bool(steps), allow_changes=allow_config_change,
+                             step=steps[-1] if steps else 0)
+    try:
+      return _train_and_evaluate(config, workdir, checkpointer, warm_start)
+    finally:
+      checkpointer.close()
+
+
+def _train_and_evaluate(config: ExperimentConfig, workdir: pathlib.Path, checkpointer: checkpoint.Checkpointer,
+                        warm_start: Callable[[state_lib.TrainState], state_lib.TrainState] | None) -> dict[str, Any]:
   train_cfg = config.train
 
   # ---------------------------------------------------------------- Data.
@@ -99,7 +124,6 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | pathlib.Path, *,
   logging.info("parameters: %s", counts)
 
   # ---------------------------------------------------------------- Resume.
-  checkpointer = checkpoint.Checkpointer(workdir / "checkpoints", keep=train_cfg.keep_checkpoints)
   restored = checkpointer.restore(checkpoint.abstract_like(state))
   if restored is not None:
     state = restored[1]
@@ -108,6 +132,8 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | pathlib.Path, *,
     state = jax.device_put(warm_start(state), state_sharding)
     logging.info("warm start at step %d", int(state.step))
   start_step = int(state.step)
+  # One metrics line per logged step across resumes: lines past the restored step are logged again.
+  run_dir.truncate_metrics(workdir / "metrics.jsonl", start_step if restored is not None else -1)
 
   # ---------------------------------------------------------------- Compiled steps.
   train_fn = jax.jit(
@@ -120,7 +146,8 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | pathlib.Path, *,
   recluster_fn = jax.jit(functools.partial(step_lib.recluster_step, optimizer=optimizer, config=config),
                          in_shardings=(state_sharding,), out_shardings=state_sharding, donate_argnums=0)
   writer = metrics.MetricsWriter(workdir / "metrics.jsonl")
-  writer.write(start_step, {f"model/{key}": value for key, value in counts.items()})
+  if restored is None:
+    writer.write(start_step, {f"model/{key}": value for key, value in counts.items()})
 
   def run_evals(state, step: int, splits) -> dict[str, dict[str, float]]:
     results = {}
@@ -148,13 +175,25 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | pathlib.Path, *,
                         "regroup/adopted": cluster.adopted})
     return state
 
-  def stop_if_diverged(state) -> None:
+  def stop_if_diverged(state, history, last_step: int) -> None:
     nan_step = int(state.nan_step)
-    if nan_step >= 0:
-      checkpointer.save(nan_step, state, force=True)
-      raise FloatingPointError(
-          f"loss or gradient became non-finite at step {nan_step}; training stopped. The state from before that step "
-          f"is saved as checkpoint {nan_step} in {checkpointer.directory}.")
+    if nan_step < 0:
+      return
+    # `history` holds the metrics of steps last_step - len(history) + 1 .. last_step; those before the bad one are a
+    # normal (shorter) logging window, the bad one names the cause.
+    first_step = last_step - len(history) + 1
+    good = history[:max(nan_step - first_step + 1, 0)]
+    if good:
+      summary = _summarise_train_metrics(good, len(good) * tokens_per_step, time.perf_counter() - window_start)
+      writer.write(nan_step, {f"train/{key}": value for key, value in summary.items()})
+    cause = _divergence_cause(history[nan_step - first_step]) if nan_step >= first_step else "loss or update"
+    writer.write(nan_step, {"diverged/step": nan_step, "diverged/cause": cause})
+    # The frozen state is the last good one; saved without the stop marker, so it resumes (with saner settings).
+    checkpointer.save(nan_step, state.replace(nan_step=jnp.full((), -1, jnp.int32)), force=True)
+    raise FloatingPointError(
+        f"the {cause} became non-finite at step {nan_step}; training stopped. The state from before that step is "
+        f"checkpoint {nan_step} in {checkpointer.directory}: rerun with a lower learning rate and "
+        f"--allow_config_change=train.learning_rate to continue from it.")
 
   # ---------------------------------------------------------------- Train.
   history, window_start, window_tokens = [], time.perf_counter(), 0
@@ -171,7 +210,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | pathlib.Path, *,
       progress.update(1)
       done = step + 1
       if done % train_cfg.log_every == 0 or done == train_cfg.num_steps:
-        stop_if_diverged(state)
+        stop_if_diverged(state, history, step)
         summary = _summarise_train_metrics(history, window_tokens, time.perf_counter() - window_start)
         writer.write(done, {f"train/{key}": value for key, value in summary.items()})
         progress.set_postfix(loss=f"{summary['ce_loss']:.3f}", tok_s=f"{summary['tokens_per_second']:.0f}")
@@ -183,13 +222,12 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | pathlib.Path, *,
       if done % train_cfg.eval_every == 0 and done != train_cfg.num_steps:
         run_evals(state, done, ("valid",) if "valid" in corpus.eval_splits else ())
       if done % train_cfg.checkpoint_every == 0 or done == train_cfg.num_steps:
-        stop_if_diverged(state)
+        stop_if_diverged(state, history, step)
         checkpointer.save(done, state)
       if not history:
         window_start = time.perf_counter()
     progress.close()
-    stop_if_diverged(state)
+    stop_if_diverged(state, history, train_cfg.num_steps - 1)
     results = run_evals(state, int(state.step), config.data.eval_splits)
-  checkpointer.close()
   return {"step": int(state.step), **counts, **{f"{split}/{key}": value for split, values in results.items()
                                                 for key, value in values.items()}}
