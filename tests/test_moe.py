@@ -1,4 +1,8 @@
-"""Oracle tests: every fast MoE dispatch path against a naive per-token, per-expert loop."""
+"""Oracle tests: every fast MoE dispatch path against an independent numpy router and per-token, per-expert loop."""
+
+import dataclasses
+import math
+from functools import partial
 
 import chex
 import flax.linen as nn
@@ -10,88 +14,180 @@ import pytest
 from hmoe.config import MoEConfig
 from hmoe.model.moe import MoEFeedForward
 from hmoe.routing import dispatch
-from hmoe.routing.routers import top_k_routing
 
 _D, _F = 8, 16
 
 
-def _swiglu_one(x_D, w_gate, w_up, w_down):
-  return (jax.nn.silu(x_D @ w_gate) * (x_D @ w_up)) @ w_down
+def _np_softmax(x: np.ndarray) -> np.ndarray:
+  e = np.exp(x - x.max(axis=-1, keepdims=True))
+  return e / e.sum(axis=-1, keepdims=True)
 
 
-def _kept_mask(expert_index_TxK: np.ndarray, num_experts: int, capacity: int | None) -> np.ndarray:
-  """GShard priority with explicit counters: all first choices in token order, then all second choices, ..."""
-  num_tokens, top_k = expert_index_TxK.shape
-  used = np.zeros(num_experts, int)
-  kept = np.zeros((num_tokens, top_k), bool)
-  for k in range(top_k):
-    for t in range(num_tokens):
-      e = expert_index_TxK[t, k]
-      if capacity is None or used[e] < capacity:
-        kept[t, k] = True
-        used[e] += 1
-  return kept
+def _np_silu(x: np.ndarray) -> np.ndarray:
+  return x / (1.0 + np.exp(-x))
 
 
-def _oracle(params, x_GxTxD, cfg: MoEConfig, capacity: int | None):
-  """Loops over groups, tokens and their chosen experts; returns (y [G, T, D], dropped count)."""
-  p = params["params"]
-  outputs, dropped = [], 0
-  for x_TxD in x_GxTxD:
-    route = top_k_routing(x_TxD @ p["router"]["kernel"], cfg.top_k)
-    kept = _kept_mask(np.asarray(route.expert_index), cfg.num_experts, capacity)
-    dropped += int((~kept).sum())
-    rows = []
-    for t in range(x_TxD.shape[0]):
-      y_D = jnp.zeros(x_TxD.shape[-1])
-      for k in range(cfg.top_k):
-        if kept[t, k]:
-          e = int(route.expert_index[t, k])
-          y_D = y_D + route.gates[t, k] * _swiglu_one(x_TxD[t], p["w_gate"][e], p["w_up"][e], p["w_down"][e])
-      rows.append(y_D)
-    outputs.append(cfg.routed_scale * jnp.stack(rows))
-  return jnp.stack(outputs), dropped
+def _capacity(cfg: MoEConfig, num_tokens: int, train: bool) -> int | None:
+  """Slots per expert, written out here: ceil(cf * T * K / E) clipped to [1, T]; None when the run is dropless."""
+  if cfg.dropless or (not train and cfg.eval_dropless):
+    return None
+  factor = cfg.capacity_factor if train else cfg.eval_capacity_factor
+  return min(num_tokens, max(1, math.ceil(factor * num_tokens * cfg.top_k / cfg.num_experts)))
 
 
-_PATHS = {
-    "sort": dict(dispatch="sort"),
-    "einsum": dict(dispatch="einsum"),
-    "dropless": dict(dispatch="sort", dropless=True, dropless_block_size=4),
+@dataclasses.dataclass
+class _Decisions:
+  expert_index: np.ndarray  # int [G, T, K], best first.
+  gates: np.ndarray  # float64 [G, T, K], unbiased probabilities renormalised over the K (raw if K = 1).
+  kept: np.ndarray  # bool [G, T, K].
+  probs: np.ndarray  # float64 [G, T, E].
+
+
+def _np_decisions(kernel_DxE, x_GxTxD, cfg: MoEConfig, capacity: int | None, bias_E=None) -> _Decisions:
+  """Softmax, biased top-k selection, renormalised unbiased gates and k-major GShard capacity, all in numpy."""
+  x = np.asarray(x_GxTxD, np.float64)
+  probs = _np_softmax(x @ np.asarray(kernel_DxE, np.float64))
+  scores = probs if bias_E is None else probs + np.asarray(bias_E, np.float64)
+  order = np.argsort(-scores, axis=-1, kind="stable")
+  index = order[..., :cfg.top_k]
+  # Decisive choices: the k-th and (k+1)-th scores are far apart, so float32 rounding cannot flip a pick.
+  if cfg.top_k < cfg.num_experts:
+    sorted_scores = np.take_along_axis(scores, order, axis=-1)
+    assert np.min(sorted_scores[..., cfg.top_k - 1] - sorted_scores[..., cfg.top_k]) > 1e-4
+  top = np.take_along_axis(probs, index, axis=-1)
+  gates = top / top.sum(-1, keepdims=True) if cfg.top_k > 1 else top
+  kept = np.zeros(index.shape, bool)
+  for g in range(index.shape[0]):
+    used = np.zeros(cfg.num_experts, int)
+    for k in range(cfg.top_k):  # All first choices in token order, then all second choices, ...
+      for t in range(index.shape[1]):
+        e = index[g, t, k]
+        if capacity is None or used[e] < capacity:
+          kept[g, t, k], used[e] = True, used[e] + 1
+  return _Decisions(index, gates, kept, probs)
+
+
+def _np_forward(p, x_GxTxD, cfg: MoEConfig, dec: _Decisions) -> np.ndarray:
+  """Per token, per kept choice: gate * SwiGLU of that expert, times routed_scale (float64 numpy)."""
+  w = {name: np.asarray(p[name], np.float64) for name in ("w_gate", "w_up", "w_down")}
+  x = np.asarray(x_GxTxD, np.float64)
+  y = np.zeros_like(x)
+  for g, t in np.ndindex(*x.shape[:2]):
+    for k in range(cfg.top_k):
+      if dec.kept[g, t, k]:
+        e = dec.expert_index[g, t, k]
+        hidden = _np_silu(x[g, t] @ w["w_gate"][e]) * (x[g, t] @ w["w_up"][e])
+        y[g, t] += dec.gates[g, t, k] * (hidden @ w["w_down"][e])
+  return cfg.routed_scale * y
+
+
+def _jnp_oracle(p, x_GxTxD, expert_index, kept, routed_scale):
+  """The oracle as a jnp function of (params, x) with the numpy decisions as constants, for gradients."""
+  probs = jax.nn.softmax(jnp.einsum("gtd,de->gte", x_GxTxD, p["router"]["kernel"]), axis=-1)
+  top = jnp.take_along_axis(probs, expert_index, axis=-1)
+  gates = top / jnp.sum(top, axis=-1, keepdims=True) if expert_index.shape[-1] > 1 else top
+  w = {name: p[name][expert_index] for name in ("w_gate", "w_up", "w_down")}  # [G, T, K, ...]
+  hidden = jax.nn.silu(jnp.einsum("gtd,gtkdf->gtkf", x_GxTxD, w["w_gate"])) * jnp.einsum(
+      "gtd,gtkdf->gtkf", x_GxTxD, w["w_up"])
+  out = jnp.einsum("gtkf,gtkfd->gtkd", hidden, w["w_down"])
+  return routed_scale * jnp.einsum("gtk,gtkd->gtd", gates * kept, out)
+
+
+_oracle_loss = lambda p, x, index, kept, scale: jnp.sum(jnp.sin(_jnp_oracle(p, x, index, kept, scale)))
+_oracle_grad = jax.jit(jax.grad(_oracle_loss, argnums=(0, 1)))
+
+
+def _random_params(layer: nn.Module, x_BxLxD: jax.Array, seed: int) -> dict:
+  """Parameters of the layer's structure filled with fan-in scaled normals (no eager init pass: that is slow).
+
+  The router kernel has std 1 (logits of std ~3): routing is decisive, gates far from uniform.
+  """
+  shapes = nn.meta.unbox(jax.eval_shape(lambda: layer.init(jax.random.PRNGKey(0), x_BxLxD, train=True)))
+  rng = np.random.RandomState(seed)
+
+  def fill(path, leaf):
+    std = 1.0 if path[-1].key == "kernel" else leaf.shape[-2] ** -0.5
+    return jnp.asarray(std * rng.normal(size=leaf.shape), jnp.float32)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def _assert_close(name, actual, expected, atol, rtol):
+  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  np.testing.assert_allclose(actual, expected, atol=atol, rtol=rtol,
+                             err_msg=f"{name}: max |diff| = {np.max(np.abs(actual - expected)):.3g}")
+
+
+# (config overrides, train, num_groups, selection bias). Drops: train cf 0.5, eval eval_capacity_factor 0.5 while
+# capacity_factor is large (so eval must use eval_capacity_factor); dropless cases set capacity_factor tiny so any
+# capacity used by mistake would drop.
+_CASES = {
+    "sort-train-drops-g2-scaled": (dict(dispatch="sort", capacity_factor=0.5, routed_scale=1.5), True, 2, False),
+    "sort-train-g1-bias": (dict(dispatch="sort", capacity_factor=0.75), True, 1, True),
+    "einsum-train-drops-g2": (dict(dispatch="einsum", capacity_factor=0.5), True, 2, False),
+    "einsum-eval-capacity-g1": (dict(dispatch="einsum", capacity_factor=4.0, eval_dropless=False,
+                                     eval_capacity_factor=0.5, routed_scale=2.0), False, 1, False),
+    "dropless-train-g2-bias": (dict(dispatch="sort", dropless=True, dropless_block_size=4, capacity_factor=0.25),
+                               True, 2, True),
+    "dropless-train-g1": (dict(dispatch="sort", dropless=True, dropless_block_size=4, capacity_factor=0.25),
+                          True, 1, False),
+    "sort-eval-dropless-g1": (dict(dispatch="sort", capacity_factor=0.25), False, 1, False),
+    "sort-eval-capacity-g2-bias": (dict(dispatch="sort", capacity_factor=4.0, eval_dropless=False,
+                                        eval_capacity_factor=0.5), False, 2, True),
+    "einsum-eval-dropless-g2": (dict(dispatch="einsum", capacity_factor=0.25), False, 2, False),
 }
 
 
-@pytest.mark.parametrize("path", list(_PATHS))
-@pytest.mark.parametrize("capacity_factor", [0.5, 1.25])
-def test_fast_paths_match_per_expert_loop(path, capacity_factor):
-  # routed_scale != 1 so the oracle also checks where the routed scaling factor enters (forward and gradients).
-  cfg = MoEConfig(num_experts=4, top_k=2, expert_ff=_F, capacity_factor=capacity_factor, num_groups=2,
-                  routed_scale=1.5, **_PATHS[path])
+@pytest.mark.parametrize("case", list(_CASES))
+def test_layer_matches_numpy_router_and_per_expert_loop(case):
+  overrides, train, num_groups, with_bias = _CASES[case]
+  cfg = MoEConfig(num_experts=4, top_k=2, expert_ff=_F, num_groups=num_groups, **overrides)
   layer = MoEFeedForward(cfg)
-  x_BxLxD = jax.random.normal(jax.random.PRNGKey(0), (2, 12, _D))
-  params = layer.init(jax.random.PRNGKey(1), x_BxLxD, train=True)
-  params = nn.meta.unbox(params)
-  # Scale the router so routing is decisive and ties cannot flip between paths.
-  params["params"]["router"]["kernel"] = params["params"]["router"]["kernel"] * 50.0
+  x_BxLxD = jax.random.normal(jax.random.PRNGKey(0), (2, 8, _D))
+  params = _random_params(layer, x_BxLxD, seed=1)
+  bias = jnp.array([0.0, 0.3, -0.2, 0.1]) if with_bias else None
+  num_tokens = 16 // num_groups
+  x_GxTxD = np.asarray(x_BxLxD).reshape(num_groups, num_tokens, _D)
+  p = params["params"]
+  capacity = _capacity(cfg, num_tokens, train)
+  dec = _np_decisions(p["router"]["kernel"], x_GxTxD, cfg, capacity, bias)
+  if with_bias:  # The bias moves some choices; the gates stay the unbiased renormalised probabilities.
+    assert np.any(dec.expert_index != _np_decisions(p["router"]["kernel"], x_GxTxD, cfg, capacity).expert_index)
 
-  num_tokens = 12  # (2 * 12) tokens / 2 groups.
-  capacity = None if cfg.dropless else dispatch.expert_capacity(num_tokens, 4, 2, capacity_factor)
+  @jax.jit
+  def layer_value_and_grads(params, x):
+    def loss(params, x):
+      y, stats = layer.apply(params, x, train=train, selection_bias=bias)
+      return jnp.sum(jnp.sin(y)), (y, stats)
+    return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
 
-  y_fast, stats = layer.apply(params, x_BxLxD, train=True)
-  y_oracle, dropped = _oracle(params, x_BxLxD.reshape(2, num_tokens, _D), cfg, capacity)
-  chex.assert_trees_all_close(y_fast.reshape(2, num_tokens, _D), y_oracle, atol=1e-5, rtol=1e-5)
+  (_, (y, stats)), grads = layer_value_and_grads(params, x_BxLxD)
+  _assert_close("output", np.asarray(y).reshape(x_GxTxD.shape), _np_forward(p, x_GxTxD, cfg, dec), 1e-5, 1e-5)
+  dropped = int((~dec.kept).sum())
   assert int(stats.num_dropped) == dropped
-  if capacity_factor == 0.5 and not cfg.dropless:
-    assert dropped > 0  # The case really exercises dropping.
+  assert int(stats.num_assignments) == 16 * cfg.top_k
+  assert (dropped > 0) == (capacity is not None), (dropped, capacity)  # Capacity cases really drop.
 
-  def fast_loss(params, x):
-    return jnp.sum(jnp.sin(layer.apply(params, x, train=True)[0]))
+  # Statistics against numpy: loads, the activation-centroid sums and counts, and the losses (mean over groups).
+  one_hot = np.eye(cfg.num_experts)[dec.expert_index]  # [G, T, K, E]
+  _assert_close("expert_load", stats.expert_load, one_hot.mean(axis=(0, 1, 2)), 1e-6, 1e-6)
+  per_token = one_hot.sum(axis=2)  # [G, T, E]: kept or not.
+  _assert_close("expert_token_count", stats.expert_token_count, per_token.sum(axis=(0, 1)), 1e-6, 1e-6)
+  _assert_close("expert_token_sum", stats.expert_token_sum, np.einsum("gte,gtd->ed", per_token, x_GxTxD), 1e-5, 1e-5)
+  f = one_hot.mean(axis=(1, 2))  # [G, E]
+  balance = cfg.num_experts * np.sum(f * dec.probs.mean(axis=1), axis=-1).mean()
+  _assert_close("balance_loss", stats.balance_loss, balance, 1e-5, 1e-5)
+  logits = x_GxTxD @ np.asarray(p["router"]["kernel"], np.float64)
+  lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+  _assert_close("z_loss", stats.z_loss, np.mean(lse**2), 1e-5, 1e-5)
 
-  def oracle_loss(params, x):
-    return jnp.sum(jnp.sin(_oracle(params, x.reshape(2, num_tokens, _D), cfg, capacity)[0]))
-
-  grads_fast = jax.grad(fast_loss, argnums=(0, 1))(params, x_BxLxD)
-  grads_oracle = jax.grad(oracle_loss, argnums=(0, 1))(params, x_BxLxD)
-  chex.assert_trees_all_close(grads_fast, grads_oracle, atol=1e-5, rtol=1e-4)
+  grads_oracle = _oracle_grad(p, jnp.asarray(x_GxTxD), jnp.asarray(dec.expert_index, jnp.int32),
+                              jnp.asarray(dec.kept, jnp.float32), cfg.routed_scale)
+  for name in ("w_gate", "w_up", "w_down"):
+    _assert_close(f"d/d {name}", grads[0]["params"][name], grads_oracle[0][name], 1e-5, 1e-4)
+  _assert_close("d/d router kernel", grads[0]["params"]["router"]["kernel"], grads_oracle[0]["router"]["kernel"],
+                1e-5, 1e-4)
+  _assert_close("d/d x", np.asarray(grads[1]).reshape(x_GxTxD.shape), grads_oracle[1], 1e-5, 1e-4)
 
 
 def test_capacity_drops_on_hand_made_case():
@@ -115,7 +211,7 @@ def test_second_choices_yield_to_first_choices():
 def test_dropless_never_drops_and_padding_is_bounded():
   expert_index = jax.random.randint(jax.random.PRNGKey(0), (50, 2), 0, 5)
   expert_index = expert_index.at[:, 1].set((expert_index[:, 0] + 1) % 5)
-  plan = dispatch.plan_dropless(expert_index, num_experts=5, block_size=8)
+  plan = jax.jit(dispatch.plan_dropless, static_argnums=(1, 2))(expert_index, 5, 8)
   assert bool(jnp.all(plan.kept))
   assert plan.num_rows == dispatch.dropless_num_blocks(50, 5, 2, 8) * 8
   rows = np.asarray(plan.row)
@@ -140,8 +236,9 @@ def test_map_groups_matches_vmap_for_one_and_several_groups(num_groups):
     plan = dispatch.plan_capacity(index_TxK, 4, capacity)
     return dispatch.gather_rows(x_TxD, plan), plan.kept
 
-  expected = jax.vmap(dispatch_and_gather, in_axes=(0, 0, None))(expert_index, x, 3)
-  actual = dispatch.map_groups(dispatch_and_gather, (0, 0, None), expert_index, x, 3)
+  expected = jax.jit(jax.vmap(partial(dispatch_and_gather, capacity=3)))(expert_index, x)
+  mapped = lambda index, x: dispatch.map_groups(dispatch_and_gather, (0, 0, None), index, x, 3)
+  actual = jax.jit(mapped)(expert_index, x)
   chex.assert_trees_all_close(actual, expected)
   with pytest.raises(ValueError, match="at least one"):
     dispatch.map_groups(dispatch_and_gather, (None, None, None), expert_index, x, 3)
