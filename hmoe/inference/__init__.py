@@ -1,0 +1,1 @@
+"""Inference: compressed storage (`quantize`: packed INT4 with per-group scales)."""
