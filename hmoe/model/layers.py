@@ -44,12 +44,17 @@ class RMSNorm(nn.Module):
     return (normed * scale.reshape((1,) * (x.ndim - 1) + (-1,))).astype(self.dtype)
 
 
-def apply_rotary(x_BxLxNxH: jax.Array, base: float) -> jax.Array:
-  """Rotary position embedding (Su et al. 2021) on the last axis, positions 0..L-1, computed in float32."""
-  length, head_dim = x_BxLxNxH.shape[1], x_BxLxNxH.shape[-1]
+def apply_rotary(x_BxLxNxH: jax.Array, base: float, positions_BxL: jax.Array | None = None) -> jax.Array:
+  """Rotary position embedding (Su et al. 2021) on the last axis, computed in float32.
+
+  `positions_BxL`: int position of every token; None means 0..L-1 for every sequence (training and scoring).
+  """
+  batch, length, head_dim = x_BxLxNxH.shape[0], x_BxLxNxH.shape[1], x_BxLxNxH.shape[-1]
+  if positions_BxL is None:
+    positions_BxL = jnp.broadcast_to(jnp.arange(length), (batch, length))
   inv_freq = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-  angles_LxH2 = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq[None, :]
-  sin, cos = jnp.sin(angles_LxH2)[None, :, None, :], jnp.cos(angles_LxH2)[None, :, None, :]
+  angles_BxLxH2 = positions_BxL.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
+  sin, cos = jnp.sin(angles_BxLxH2)[:, :, None, :], jnp.cos(angles_BxLxH2)[:, :, None, :]
   x32 = x_BxLxNxH.astype(jnp.float32)
   first, second = jnp.split(x32, 2, axis=-1)
   rotated = jnp.concatenate([first * cos - second * sin, first * sin + second * cos], axis=-1)
@@ -57,12 +62,21 @@ def apply_rotary(x_BxLxNxH: jax.Array, base: float) -> jax.Array:
 
 
 class CausalSelfAttention(nn.Module):
+  """Multi-head causal self-attention with rotary positions.
+
+  With `positions_BxL` given (generation), the layer also keeps a key/value cache of `cache_len` positions per
+  sequence in the mutable "cache" collection: the new keys and values are written at their positions, and every
+  query attends to the cached keys at positions <= its own. A batch of prompts of different lengths is right-padded:
+  pad positions are overwritten by the generated tokens before any query can see them.
+  """
+
   num_heads: int
   rope_base: float = 10_000.0
   dtype: jnp.dtype = jnp.float32
+  cache_len: int = 0  # Positions of the key/value cache (the model's max_len); used only with positions.
 
   @nn.compact
-  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array | None = None) -> jax.Array:
     width = x_BxLxD.shape[-1]
     head_dim = width // self.num_heads
     qkv_init = nn.with_logical_partitioning(_DEFAULT_INIT, ("embed", "qkv", "heads", "kv"))
@@ -73,9 +87,24 @@ class CausalSelfAttention(nn.Module):
     w_out = self.param("w_out", out_init, (self.num_heads, head_dim, width), jnp.float32)
     qkv = jnp.einsum("bld,dtnh->tblnh", x_BxLxD, w_qkv.astype(self.dtype))
     query, key, value = qkv[0], qkv[1], qkv[2]
-    query, key = apply_rotary(query, self.rope_base), apply_rotary(key, self.rope_base)
-    attended_BxLxNxH = jax.nn.dot_product_attention(query, key, value, is_causal=True)
+    query, key = apply_rotary(query, self.rope_base, positions_BxL), apply_rotary(key, self.rope_base, positions_BxL)
+    if positions_BxL is None:
+      attended_BxLxNxH = jax.nn.dot_product_attention(query, key, value, is_causal=True)
+    else:
+      attended_BxLxNxH = self._attend_cached(query, key, value, positions_BxL)
     return jnp.einsum("blnh,nhd->bld", attended_BxLxNxH, w_out.astype(self.dtype))
+
+  def _attend_cached(self, query, key, value, positions_BxL):
+    batch, _, heads, head_dim = key.shape
+    shape = (batch, self.cache_len, heads, head_dim)
+    cached_key = self.variable("cache", "key", jnp.zeros, shape, key.dtype)
+    cached_value = self.variable("cache", "value", jnp.zeros, shape, value.dtype)
+    rows = jnp.arange(batch)[:, None]
+    cached_key.value = cached_key.value.at[rows, positions_BxL].set(key)
+    cached_value.value = cached_value.value.at[rows, positions_BxL].set(value)
+    # Query at position p sees the cached keys at positions <= p: its prompt and everything generated so far.
+    visible_BxLxS = jnp.arange(self.cache_len)[None, None, :] <= positions_BxL[:, :, None]
+    return jax.nn.dot_product_attention(query, cached_key.value, cached_value.value, mask=visible_BxLxS[:, None])
 
 
 class DenseFeedForward(nn.Module):

@@ -23,14 +23,17 @@ class Block(nn.Module):
   ffn_kind: str
 
   @nn.compact
-  def __call__(self, x_BxLxD: jax.Array, *, train: bool, selection_bias: jax.Array | None = None
-               ) -> tuple[jax.Array, RoutingStats | None]:
-    """`selection_bias`: this layer's balancing biases [E] (cluster-major for an HMoE layer), or None."""
+  def __call__(self, x_BxLxD: jax.Array, *, train: bool, selection_bias: jax.Array | None = None,
+               positions: jax.Array | None = None) -> tuple[jax.Array, RoutingStats | None]:
+    """`selection_bias`: this layer's balancing biases [E] (cluster-major for an HMoE layer), or None.
+
+    `positions` (int [B, L]): decode with the attention's key/value cache (`hmoe.inference.generate`).
+    """
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     dropout = nn.Dropout(cfg.dropout_rate, deterministic=not train)
-    attended = CausalSelfAttention(cfg.num_heads, cfg.rope_base, dtype, name="attention")(
-        RMSNorm(dtype=dtype, name="attention_norm")(x_BxLxD))
+    attended = CausalSelfAttention(cfg.num_heads, cfg.rope_base, dtype, cache_len=cfg.max_len, name="attention")(
+        RMSNorm(dtype=dtype, name="attention_norm")(x_BxLxD), positions)
     x_BxLxD = x_BxLxD + dropout(attended)
     normed = RMSNorm(dtype=dtype, name="ffn_norm")(x_BxLxD)
     ffn_out, stats = ffn_layer(cfg, self.ffn_kind)(normed, train=train, selection_bias=selection_bias)
@@ -42,9 +45,13 @@ class TransformerLM(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxL: jax.Array, *, train: bool = False, selection_bias: jax.Array | None = None
-               ) -> tuple[jax.Array, RoutingStats | None]:
-    """`selection_bias`: float32 [num_routed_layers, E] auxiliary-loss-free balancing biases (selection only)."""
+  def __call__(self, tokens_BxL: jax.Array, *, train: bool = False, selection_bias: jax.Array | None = None,
+               positions: jax.Array | None = None) -> tuple[jax.Array, RoutingStats | None]:
+    """`selection_bias`: float32 [num_routed_layers, E] auxiliary-loss-free balancing biases (selection only).
+
+    `positions`: int [B, L] position of every token, for decoding with the key/value cache in the mutable "cache"
+    collection (apply with `mutable=["cache"]`); None for training and scoring (positions 0..L-1, no cache).
+    """
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     embedding_VxD = self.param(
@@ -59,7 +66,8 @@ class TransformerLM(nn.Module):
       bias = None
       if selection_bias is not None and layer in cfg.routed_layers:
         bias = selection_bias[cfg.routed_layers.index(layer)]
-      x_BxLxD, stats = Block(cfg, kind, name=f"block_{layer}")(x_BxLxD, train=train, selection_bias=bias)
+      x_BxLxD, stats = Block(cfg, kind, name=f"block_{layer}")(x_BxLxD, train=train, selection_bias=bias,
+                                                              positions=positions)
       if stats is not None:
         layer_stats.append(stats)
     x_BxLxD = RMSNorm(dtype=dtype, name="final_norm")(x_BxLxD)

@@ -65,6 +65,7 @@ def write_json_atomic(path: pathlib.Path, value: Any) -> None:
   try:
     with os.fdopen(fd, "w") as stream:
       stream.write(json.dumps(value, indent=2))
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; a config is for everyone who reads the run.
     os.replace(tmp, path)
   except BaseException:
     pathlib.Path(tmp).unlink(missing_ok=True)
