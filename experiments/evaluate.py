@@ -8,7 +8,6 @@ WikiText-103 valid/test share WikiText-2's vocabulary style, so a WikiText-2 run
 no WikiText-103 train split).
 """
 
-import functools
 import json
 import sys
 
@@ -16,6 +15,7 @@ import jax
 from absl import app, flags
 
 from hmoe.data import wikitext
+from hmoe.inference import storage
 from hmoe.inference.run import load_run
 from hmoe.model.transformer import TransformerLM
 from hmoe.train import step as step_lib
@@ -34,7 +34,10 @@ def run(workdir: str, dataset: str | None, splits: list[str], data_dir: str | No
   loaded = load_run(workdir)
   data_config = loaded.config.data
   data_dir = wikitext.resolve_data_dir(data_dir or data_config.data_dir)
-  eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=TransformerLM(loaded.config.model)))
+  model = TransformerLM(loaded.config.model)
+  # Compressed params are dequantized inside the jitted step (`materialize` is the identity cast for float32 ones).
+  eval_fn = jax.jit(lambda params, routing, batch: step_lib.eval_step(storage.materialize(params), routing, batch,
+                                                                     model=model))
   results = {}
   for split in splits:
     path = wikitext.wikitext_split_path(data_dir, dataset or data_config.dataset, split)

@@ -143,6 +143,9 @@ class HMoEConfig(RoutedConfig):
   kmeans_seed: int = 0
   sketch_rows: int = 16  # Parameter sketch of each matrix: P^T W Q with P [I, rows], Q [O, cols].
   sketch_cols: int = 16
+  # Quantization-aware training: the residual factors are fake-quantized to INT4 (groups of this many input rows, as
+  # `hmoe.inference.storage` stores them) in the forward pass, with a straight-through gradient. 0 = off.
+  qat_group_size: int = 0
 
   @property
   def experts_per_cluster(self) -> int:
@@ -177,6 +180,8 @@ class HMoEConfig(RoutedConfig):
       self._check(getattr(self, field) >= 0, field, ">= 0")
     for field in ("sketch_rows", "sketch_cols", "block_size"):
       self._check(getattr(self, field) >= 1, field, ">= 1")
+    self._check(self.qat_group_size == 0 or (self.qat_group_size >= 2 and self.qat_group_size % 2 == 0),
+                "qat_group_size", "0 (off) or an even number >= 2")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hmoe.config import ModelConfig
+from hmoe.inference import storage
 from hmoe.inference.sampling import Sampler
 from hmoe.model.transformer import TransformerLM
 from hmoe.routing.state import RoutingState
@@ -35,6 +36,7 @@ def decoding_config(config: ModelConfig) -> ModelConfig:
 
 def _forward(model: TransformerLM, params: Any, routing_state: RoutingState, cache: Any, tokens_BxL: jax.Array,
              positions_BxL: jax.Array) -> tuple[jax.Array, Any]:
+  params = storage.materialize(params)  # Compressed weights are dequantized here, inside the jitted step.
   variables = {"params": params} if cache is None else {"params": params, "cache": cache}
   (logits_BxLxV, _), mutated = model.apply(variables, tokens_BxL, train=False,
                                            selection_bias=routing_state.selection_bias, positions=positions_BxL,

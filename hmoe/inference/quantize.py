@@ -46,6 +46,12 @@ class QuantizedTensor:
     return int(self.packed.size * self.packed.dtype.itemsize + self.scale.size * self.scale.dtype.itemsize)
 
 
+def group_for(in_dim: int, group_size: int) -> int:
+  """The group actually used for an input dimension: at most `group_size`, at most `in_dim` rounded up to even (a
+  rank-16 factor is not padded to groups of 64)."""
+  return min(group_size, in_dim + in_dim % 2)
+
+
 def pack_int4(q: jax.Array) -> jax.Array:
   """int [..., 2n, O] values in [-8, 7] -> uint8 [..., n, O]: row 2i in the low nibble, row 2i + 1 in the high."""
   if q.shape[-2] % 2:

@@ -17,6 +17,7 @@ import numpy as np
 
 from hmoe.config import ExperimentConfig, from_config_dict
 from hmoe.data.tokenizer import Tokenizer
+from hmoe.inference import storage
 from hmoe.inference.generate import Generator
 from hmoe.inference.sampling import Sampler
 from hmoe.model.transformer import TransformerLM, cross_entropy
@@ -58,15 +59,21 @@ class LoadedRun:
       raise ValueError(f"text of {len(ids) - 1} tokens exceeds the model's context of {self.config.model.max_len}")
     tokens = np.asarray(ids, np.int32)[None]
     model = TransformerLM(self.config.model)
-    logits, _ = model.apply({"params": self.params}, tokens[:, :-1], train=False,
+    logits, _ = model.apply({"params": storage.materialize(self.params)}, tokens[:, :-1], train=False,
                             selection_bias=self.routing_state.selection_bias)
     nll, count = cross_entropy(logits, tokens[:, 1:])
     return {"nll": float(nll), "num_tokens": int(count), "loss": float(nll / count)}
 
 
 def load_run(workdir: str | pathlib.Path) -> LoadedRun:
-  """Reads a run directory written by `hmoe.train.loop.train_and_evaluate` (newest verified checkpoint)."""
+  """Reads a run directory written by `hmoe.train.loop.train_and_evaluate` (newest verified checkpoint), or a
+  compressed export written by `experiments/compress.py` (its params stay in their stored form)."""
   workdir = pathlib.Path(workdir)
+  if (workdir / "manifest.json").exists():
+    params, routing_state, manifest = storage.load(workdir)
+    return LoadedRun(workdir=workdir, config=from_config_dict(manifest["config"]), step=manifest["step"],
+                     params=params, routing_state=routing_state,
+                     tokenizer=Tokenizer.load(workdir / "tokenizer.json"))
   missing = [name for name in ("config.json", "tokenizer.json", "checkpoints") if not (workdir / name).exists()]
   if missing:
     raise FileNotFoundError(f"{workdir} is not a run directory: it has no {', '.join(missing)}")

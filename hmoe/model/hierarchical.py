@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from hmoe.config import HMoEConfig
+from hmoe.inference.quantize import fake_quantize, group_for
 from hmoe.model.layers import SWIGLU_MATRICES
 from hmoe.routing import dispatch
 from hmoe.routing.routers import HierarchicalRouter, HierarchicalRouterOutput
@@ -143,6 +144,9 @@ class HMoEFeedForward(nn.Module):
       u = _param(self, f"u_{name}", (g, m, fan_in, r), ("cluster", "member", in_axis, "rank"), fan_in**-0.5)
       v = _param(self, f"v_{name}", (g, m, r, fan_out), ("cluster", "member", "rank", out_axis),
                  cfg.residual_init_scale * r**-0.5)
+      if cfg.qat_group_size:  # Train for the INT4 storage format (straight-through gradient).
+        u = fake_quantize(u, group_for(fan_in, cfg.qat_group_size))
+        v = fake_quantize(v, group_for(r, cfg.qat_group_size))
       factors[name] = (u.reshape(g * m, fan_in, r), v.reshape(g * m, r, fan_out))
     return bases, factors
 
