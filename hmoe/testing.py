@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from hmoe.config import DataConfig, ExperimentConfig, ModelConfig, MoEConfig, TrainConfig
@@ -29,3 +34,32 @@ def dummy_batch(config: ExperimentConfig, seed: int = 0) -> dict[str, np.ndarray
   rng = np.random.default_rng(seed)
   tokens = rng.integers(0, config.model.vocab_size, (config.data.batch_size, config.data.seq_len + 1), np.int32)
   return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+
+
+def random_layer_params(layer: nn.Module, x: jax.Array, seed: int,
+                        stddev: Callable[[str, tuple[int, ...]], float]) -> Any:
+  """Parameters of `layer`'s structure (from `eval_shape`, no eager init pass: that is slow) filled with normals of
+  `stddev(leaf name, shape)`, drawn from numpy with `seed`."""
+  shapes = nn.meta.unbox(jax.eval_shape(lambda: layer.init(jax.random.PRNGKey(0), x, train=True)))
+  rng = np.random.RandomState(seed)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: jnp.asarray(stddev(path[-1].key, leaf.shape) * rng.normal(size=leaf.shape), jnp.float32),
+      shapes)
+
+
+def assert_close(name: str, actual: Any, expected: Any, atol: float, rtol: float) -> None:
+  """`np.testing.assert_allclose` in float64 whose failure message names the quantity and its max |difference|."""
+  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  np.testing.assert_allclose(actual, expected, atol=atol, rtol=rtol,
+                             err_msg=f"{name}: max |diff| = {np.max(np.abs(actual - expected)):.3g}")
+
+
+def layer_outputs_and_grads(layer: nn.Module, params: Any, x: jax.Array, **kwargs: Any) -> tuple[Any, Any, Any]:
+  """A routed layer's (output, stats, grads of sum(sin(output)) w.r.t. (params, x)), in one jitted call."""
+
+  def loss(params, x):
+    y, stats = layer.apply(params, x, **kwargs)
+    return jnp.sum(jnp.sin(y)), (y, stats)
+
+  (_, (y, stats)), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+  return y, stats, grads

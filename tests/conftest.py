@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import tempfile
 
 # Must happen before JAX initialises its backends.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -12,6 +13,13 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# A persistent compilation cache, fresh for each test session: many tests build the same tiny models and steps as new
+# Python functions (so the in-memory jit cache misses), and an executable compiled once is reused from here. It never
+# changes a result: the cache is keyed by the compiled program.
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="hmoe_test_jax_cache_"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 _WORDS = ("the cat dog sat on a mat and ran to <unk> house river stone @-@ , . of in was is it").split()

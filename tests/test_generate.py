@@ -10,11 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import evaluate as evaluate_cli
 from experiments.configs import tiny
 from hmoe.config import HMoEConfig, MoEConfig, from_config_dict
 from hmoe.inference import generate as generate_lib
-from hmoe.inference.run import load_run
+from hmoe.inference.run import evaluate_splits, load_run
 from hmoe.inference.sampling import Sampler
 from hmoe.model.transformer import TransformerLM
 from hmoe.routing.state import init_routing_state
@@ -138,7 +137,7 @@ def test_a_trained_run_loads_scores_generates_and_evaluates_without_writing(run,
   assert isinstance(text, str)
   score = loaded.score("the cat sat on a mat")
   assert score["num_tokens"] == len(loaded.tokenizer.encode("the cat sat on a mat")) and score["loss"] > 0
-  results = evaluate_cli.run(str(workdir), None, ["valid"], None)
+  results = evaluate_splits(loaded, ["valid"])
   np.testing.assert_allclose(results["valid"]["loss"], train_results["valid/loss"], rtol=1e-6)
   assert results["valid"]["num_tokens"] == train_results["valid/num_tokens"]
   assert _snapshot(workdir) == before  # Loading, generating and evaluating wrote nothing.

@@ -13,6 +13,7 @@ import pytest
 from hmoe.config import HMoEConfig
 from hmoe.model.hierarchical import HMoEFeedForward
 from hmoe.routing.routers import hierarchical_routing
+from hmoe.testing import assert_close, layer_outputs_and_grads, random_layer_params
 
 _D, _F = 8, 16
 _MATRICES = ("gate", "up", "down")
@@ -142,31 +143,15 @@ _oracle_grad = jax.jit(jax.grad(_oracle_loss, argnums=(0, 1)))
 
 
 def _random_params(layer: nn.Module, x_BxLxD: jax.Array, cfg: HMoEConfig, seed: int) -> dict:
-  """The layer's parameter structure filled with random values (no eager init pass: it is slow).
+  """Random parameters: bases with fan-in std, U V residuals as large as the bases (experts of a cluster clearly
+  differ), and a router kernel of std 1 so that routing is decisive and gates are far from uniform."""
 
-  Bases have fan-in std, U V residuals are as large as the bases (experts of a cluster clearly differ), and the
-  router kernel has std 1 so that routing is decisive and gates are far from uniform.
-  """
-  shapes = nn.meta.unbox(jax.eval_shape(lambda: layer.init(jax.random.PRNGKey(0), x_BxLxD, train=True)))
-  rng = np.random.RandomState(seed)
-
-  def fill(path, leaf):
-    name = path[-1].key
+  def stddev(name, shape):
     if name == "kernel":
-      std = 1.0
-    elif name.startswith("v_"):
-      std = cfg.rank**-0.5
-    else:
-      std = leaf.shape[-2] ** -0.5
-    return jnp.asarray(std * rng.normal(size=leaf.shape), jnp.float32)
+      return 1.0
+    return cfg.rank**-0.5 if name.startswith("v_") else shape[-2] ** -0.5
 
-  return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
-def _assert_close(name, actual, expected, atol, rtol):
-  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-  np.testing.assert_allclose(actual, expected, atol=atol, rtol=rtol,
-                             err_msg=f"{name}: max |diff| = {np.max(np.abs(actual - expected)):.3g}")
+  return random_layer_params(layer, x_BxLxD, seed, stddev)
 
 
 # (config overrides, train, selection bias). 16 tokens; 12 experts in 4 clusters of 3. Dropless cases set a tiny
@@ -207,15 +192,8 @@ def test_layer_matches_numpy_router_and_reconstructed_weights(case):
   capacity = _capacity(cfg, num_tokens, train)
   kept = np.stack([_np_kept(index, num_clusters, capacity) for index in route.cluster_index])
 
-  @jax.jit
-  def layer_value_and_grads(params, x):
-    def loss(params, x):
-      y, stats = layer.apply(params, x, train=train, selection_bias=bias)
-      return jnp.sum(jnp.sin(y)), (y, stats)
-    return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
-
-  (_, (y, stats)), grads = layer_value_and_grads(params, x_BxLxD)
-  _assert_close("output", np.asarray(y).reshape(x_GxTxD.shape), _np_forward(p, x_GxTxD, route, kept, cfg.routed_scale),
+  y, stats, grads = layer_outputs_and_grads(layer, params, x_BxLxD, train=train, selection_bias=bias)
+  assert_close("output", np.asarray(y).reshape(x_GxTxD.shape), _np_forward(p, x_GxTxD, route, kept, cfg.routed_scale),
                 1e-5, 1e-5)
   dropped = int((~kept).sum())
   assert int(stats.num_dropped) == dropped
@@ -225,17 +203,17 @@ def test_layer_matches_numpy_router_and_reconstructed_weights(case):
   # Statistics against numpy: loads, activation-centroid sums and counts, losses (means over routing groups).
   one_hot = np.eye(cfg.num_experts)[route.expert_index.reshape(cfg.num_groups, num_tokens, -1)]  # [G, T, A, E]
   per_token = one_hot.sum(axis=2)  # Kept or not.
-  _assert_close("expert_load", stats.expert_load, one_hot.mean(axis=(0, 1, 2)), 1e-6, 1e-6)
-  _assert_close("expert_token_count", stats.expert_token_count, per_token.sum(axis=(0, 1)), 1e-6, 1e-6)
-  _assert_close("expert_token_sum", stats.expert_token_sum, np.einsum("gte,gtd->ed", per_token, x_GxTxD), 1e-5, 1e-5)
+  assert_close("expert_load", stats.expert_load, one_hot.mean(axis=(0, 1, 2)), 1e-6, 1e-6)
+  assert_close("expert_token_count", stats.expert_token_count, per_token.sum(axis=(0, 1)), 1e-6, 1e-6)
+  assert_close("expert_token_sum", stats.expert_token_sum, np.einsum("gte,gtd->ed", per_token, x_GxTxD), 1e-5, 1e-5)
   cluster_one_hot = np.eye(num_clusters)[route.cluster_index]  # [G, T, Kc, G]
-  _assert_close("cluster_load", stats.cluster_load, cluster_one_hot.mean(axis=(0, 1, 2)), 1e-6, 1e-6)
+  assert_close("cluster_load", stats.cluster_load, cluster_one_hot.mean(axis=(0, 1, 2)), 1e-6, 1e-6)
   joint = route.joint.reshape(cfg.num_groups, num_tokens, -1)
   balance = cfg.num_experts * np.sum(one_hot.mean(axis=(1, 2)) * joint.mean(axis=1), axis=-1).mean()
-  _assert_close("balance_loss", stats.balance_loss, balance, 1e-5, 1e-5)
+  assert_close("balance_loss", stats.balance_loss, balance, 1e-5, 1e-5)
   cluster_balance = num_clusters * np.sum(cluster_one_hot.mean(axis=(1, 2)) * route.cluster_probs.mean(axis=1), -1)
-  _assert_close("cluster_balance_loss", stats.cluster_balance_loss, cluster_balance.mean(), 1e-5, 1e-5)
-  _assert_close("z_loss", stats.z_loss, np.mean(_np_logsumexp(logits.reshape(*logits.shape[:2], -1)) ** 2),
+  assert_close("cluster_balance_loss", stats.cluster_balance_loss, cluster_balance.mean(), 1e-5, 1e-5)
+  assert_close("z_loss", stats.z_loss, np.mean(_np_logsumexp(logits.reshape(*logits.shape[:2], -1)) ** 2),
                 1e-5, 1e-5)
 
   grads_oracle = _oracle_grad(p, jnp.asarray(x_GxTxD, jnp.float32), jnp.asarray(route.cluster_index, jnp.int32),
@@ -243,10 +221,10 @@ def test_layer_matches_numpy_router_and_reconstructed_weights(case):
                               cfg.routed_scale)
   for name in p:
     if name != "router":
-      _assert_close(f"d/d {name}", grads[0]["params"][name], grads_oracle[0][name], 1e-5, 1e-4)
-  _assert_close("d/d router kernel", grads[0]["params"]["router"]["kernel"], grads_oracle[0]["router"]["kernel"],
+      assert_close(f"d/d {name}", grads[0]["params"][name], grads_oracle[0][name], 1e-5, 1e-4)
+  assert_close("d/d router kernel", grads[0]["params"]["router"]["kernel"], grads_oracle[0]["router"]["kernel"],
                 1e-5, 1e-4)
-  _assert_close("d/d x", np.asarray(grads[1]).reshape(x_GxTxD.shape), grads_oracle[1], 1e-5, 1e-4)
+  assert_close("d/d x", np.asarray(grads[1]).reshape(x_GxTxD.shape), grads_oracle[1], 1e-5, 1e-4)
 
 
 def _np_softmax_vjp(probs: np.ndarray, cotangent: np.ndarray) -> np.ndarray:
@@ -266,9 +244,9 @@ def test_hierarchical_routing_golden_against_numpy(top_kc, top_ke, with_bias):
   np.testing.assert_array_equal(np.asarray(route.cluster_index), expected.cluster_index)
   np.testing.assert_array_equal(np.asarray(route.member_index), expected.member_index)
   # Gates value by value (for Kc = 2 a wrong pairing of cluster and member probabilities keeps the sum at 1).
-  _assert_close("gates", route.gates, expected.gates, 1e-6, 1e-5)
-  _assert_close("cluster_probs", route.cluster_probs, expected.cluster_probs, 1e-6, 1e-5)
-  _assert_close("expert_probs", route.expert_probs, expected.joint, 1e-6, 1e-5)
+  assert_close("gates", route.gates, expected.gates, 1e-6, 1e-5)
+  assert_close("cluster_probs", route.cluster_probs, expected.cluster_probs, 1e-6, 1e-5)
+  assert_close("expert_probs", route.expert_probs, expected.joint, 1e-6, 1e-5)
   np.testing.assert_array_equal(np.asarray(route.expert_index), expected.expert_index.reshape(num_tokens, -1))
 
   # Golden Switch losses with f != P (the loss over experts uses the joint probabilities and all Kc * Ke choices).
@@ -277,10 +255,10 @@ def test_hierarchical_routing_golden_against_numpy(top_kc, top_ke, with_bias):
   p_expert = expected.joint.reshape(num_tokens, -1).mean(axis=0)
   p_cluster = expected.cluster_probs.mean(axis=0)
   assert np.max(np.abs(f_expert - p_expert)) > 0.02 and np.max(np.abs(f_cluster - p_cluster)) > 0.02
-  _assert_close("balance_loss", route.balance_loss, num_experts * np.sum(f_expert * p_expert), 1e-6, 1e-5)
-  _assert_close("cluster_balance_loss", route.cluster_balance_loss, num_clusters * np.sum(f_cluster * p_cluster),
+  assert_close("balance_loss", route.balance_loss, num_experts * np.sum(f_expert * p_expert), 1e-6, 1e-5)
+  assert_close("cluster_balance_loss", route.cluster_balance_loss, num_clusters * np.sum(f_cluster * p_cluster),
                 1e-6, 1e-5)
-  _assert_close("z_loss", route.z_loss, np.mean(_np_logsumexp(logits.reshape(num_tokens, -1).astype(np.float64)) ** 2),
+  assert_close("z_loss", route.z_loss, np.mean(_np_logsumexp(logits.reshape(num_tokens, -1).astype(np.float64)) ** 2),
                 1e-6, 1e-5)
 
   # Gradients: d loss / d P = E f / T per token (f constant), pulled back through both softmaxes in numpy.
@@ -296,8 +274,8 @@ def test_hierarchical_routing_golden_against_numpy(top_kc, top_ke, with_bias):
                            + np.repeat(dz[..., None] / num_members, num_members, axis=-1))
   grad_balance = jax.grad(lambda l: fn(l).balance_loss)(jnp.asarray(logits))
   grad_cluster = jax.grad(lambda l: fn(l).cluster_balance_loss)(jnp.asarray(logits))
-  _assert_close("d balance_loss / d logits", grad_balance, expected_balance_grad, 1e-7, 1e-4)
-  _assert_close("d cluster_balance_loss / d logits", grad_cluster, expected_cluster_grad, 1e-7, 1e-4)
+  assert_close("d balance_loss / d logits", grad_balance, expected_balance_grad, 1e-7, 1e-4)
+  assert_close("d cluster_balance_loss / d logits", grad_cluster, expected_cluster_grad, 1e-7, 1e-4)
 
 
 def test_hierarchical_balance_losses_are_one_when_uniform():

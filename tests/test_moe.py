@@ -14,6 +14,7 @@ import pytest
 from hmoe.config import MoEConfig
 from hmoe.model.moe import MoEFeedForward
 from hmoe.routing import dispatch
+from hmoe.testing import assert_close, layer_outputs_and_grads, random_layer_params
 
 _D, _F = 8, 16
 
@@ -98,24 +99,9 @@ _oracle_grad = jax.jit(jax.grad(_oracle_loss, argnums=(0, 1)))
 
 
 def _random_params(layer: nn.Module, x_BxLxD: jax.Array, seed: int) -> dict:
-  """Parameters of the layer's structure filled with fan-in scaled normals (no eager init pass: that is slow).
-
-  The router kernel has std 1 (logits of std ~3): routing is decisive, gates far from uniform.
-  """
-  shapes = nn.meta.unbox(jax.eval_shape(lambda: layer.init(jax.random.PRNGKey(0), x_BxLxD, train=True)))
-  rng = np.random.RandomState(seed)
-
-  def fill(path, leaf):
-    std = 1.0 if path[-1].key == "kernel" else leaf.shape[-2] ** -0.5
-    return jnp.asarray(std * rng.normal(size=leaf.shape), jnp.float32)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
-def _assert_close(name, actual, expected, atol, rtol):
-  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-  np.testing.assert_allclose(actual, expected, atol=atol, rtol=rtol,
-                             err_msg=f"{name}: max |diff| = {np.max(np.abs(actual - expected)):.3g}")
+  """Fan-in scaled normals; the router kernel has std 1 (logits of std ~3): routing is decisive, gates far from
+  uniform."""
+  return random_layer_params(layer, x_BxLxD, seed, lambda name, shape: 1.0 if name == "kernel" else shape[-2] ** -0.5)
 
 
 # (config overrides, train, num_groups, selection bias). Drops: train cf 0.5, eval eval_capacity_factor 0.5 while
@@ -154,15 +140,8 @@ def test_layer_matches_numpy_router_and_per_expert_loop(case):
   if with_bias:  # The bias moves some choices; the gates stay the unbiased renormalised probabilities.
     assert np.any(dec.expert_index != _np_decisions(p["router"]["kernel"], x_GxTxD, cfg, capacity).expert_index)
 
-  @jax.jit
-  def layer_value_and_grads(params, x):
-    def loss(params, x):
-      y, stats = layer.apply(params, x, train=train, selection_bias=bias)
-      return jnp.sum(jnp.sin(y)), (y, stats)
-    return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
-
-  (_, (y, stats)), grads = layer_value_and_grads(params, x_BxLxD)
-  _assert_close("output", np.asarray(y).reshape(x_GxTxD.shape), _np_forward(p, x_GxTxD, cfg, dec), 1e-5, 1e-5)
+  y, stats, grads = layer_outputs_and_grads(layer, params, x_BxLxD, train=train, selection_bias=bias)
+  assert_close("output", np.asarray(y).reshape(x_GxTxD.shape), _np_forward(p, x_GxTxD, cfg, dec), 1e-5, 1e-5)
   dropped = int((~dec.kept).sum())
   assert int(stats.num_dropped) == dropped
   assert int(stats.num_assignments) == 16 * cfg.top_k
@@ -170,24 +149,24 @@ def test_layer_matches_numpy_router_and_per_expert_loop(case):
 
   # Statistics against numpy: loads, the activation-centroid sums and counts, and the losses (mean over groups).
   one_hot = np.eye(cfg.num_experts)[dec.expert_index]  # [G, T, K, E]
-  _assert_close("expert_load", stats.expert_load, one_hot.mean(axis=(0, 1, 2)), 1e-6, 1e-6)
+  assert_close("expert_load", stats.expert_load, one_hot.mean(axis=(0, 1, 2)), 1e-6, 1e-6)
   per_token = one_hot.sum(axis=2)  # [G, T, E]: kept or not.
-  _assert_close("expert_token_count", stats.expert_token_count, per_token.sum(axis=(0, 1)), 1e-6, 1e-6)
-  _assert_close("expert_token_sum", stats.expert_token_sum, np.einsum("gte,gtd->ed", per_token, x_GxTxD), 1e-5, 1e-5)
+  assert_close("expert_token_count", stats.expert_token_count, per_token.sum(axis=(0, 1)), 1e-6, 1e-6)
+  assert_close("expert_token_sum", stats.expert_token_sum, np.einsum("gte,gtd->ed", per_token, x_GxTxD), 1e-5, 1e-5)
   f = one_hot.mean(axis=(1, 2))  # [G, E]
   balance = cfg.num_experts * np.sum(f * dec.probs.mean(axis=1), axis=-1).mean()
-  _assert_close("balance_loss", stats.balance_loss, balance, 1e-5, 1e-5)
+  assert_close("balance_loss", stats.balance_loss, balance, 1e-5, 1e-5)
   logits = x_GxTxD @ np.asarray(p["router"]["kernel"], np.float64)
   lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
-  _assert_close("z_loss", stats.z_loss, np.mean(lse**2), 1e-5, 1e-5)
+  assert_close("z_loss", stats.z_loss, np.mean(lse**2), 1e-5, 1e-5)
 
   grads_oracle = _oracle_grad(p, jnp.asarray(x_GxTxD), jnp.asarray(dec.expert_index, jnp.int32),
                               jnp.asarray(dec.kept, jnp.float32), cfg.routed_scale)
   for name in ("w_gate", "w_up", "w_down"):
-    _assert_close(f"d/d {name}", grads[0]["params"][name], grads_oracle[0][name], 1e-5, 1e-4)
-  _assert_close("d/d router kernel", grads[0]["params"]["router"]["kernel"], grads_oracle[0]["router"]["kernel"],
+    assert_close(f"d/d {name}", grads[0]["params"][name], grads_oracle[0][name], 1e-5, 1e-4)
+  assert_close("d/d router kernel", grads[0]["params"]["router"]["kernel"], grads_oracle[0]["router"]["kernel"],
                 1e-5, 1e-4)
-  _assert_close("d/d x", np.asarray(grads[1]).reshape(x_GxTxD.shape), grads_oracle[1], 1e-5, 1e-4)
+  assert_close("d/d x", np.asarray(grads[1]).reshape(x_GxTxD.shape), grads_oracle[1], 1e-5, 1e-4)
 
 
 def test_capacity_drops_on_hand_made_case():

@@ -1,4 +1,4 @@
-"""The optimizer: per-parameter fan-in learning-rate scaling of FFN output projections (muP for Adam)."""
+"""The optimizer: fan-in learning-rate scaling (muP for Adam), the schedule, the weight-decay mask, clipping."""
 
 import dataclasses
 import functools
@@ -19,10 +19,20 @@ from hmoe.train import optimizer as optimizer_lib
 _BASE = 128  # The "dense width the lr was tuned at" in these tests.
 
 
+@functools.lru_cache
 def _model_and_params(config):
+  """Shared by the tests of one config (frozen, hashable); a jitted init compiles once instead of op by op."""
   model = TransformerLM(config.model)
-  params = model.init(jax.random.PRNGKey(0), jnp.asarray(dummy_batch(config)["inputs"]), train=False)["params"]
+  init = jax.jit(functools.partial(model.init, train=False))
+  params = init(jax.random.PRNGKey(0), jnp.asarray(dummy_batch(config)["inputs"]))["params"]
   return model, nn.meta.unbox(params)
+
+
+@functools.lru_cache
+def _optimizer_and_update(config):
+  """The optimizer of a (frozen, hashable) TrainConfig and its jitted update, compiled once per config and tree."""
+  optimizer = optimizer_lib.make_optimizer(config)
+  return optimizer, jax.jit(optimizer.update)
 
 
 def test_multipliers_follow_the_fan_in_of_each_output_projection():
@@ -48,14 +58,14 @@ def test_scaled_update_equals_plain_adamw_times_multiplier():
     nll_sum, count = cross_entropy(logits, batch["targets"])
     return nll_sum / count
 
-  grads = jax.grad(loss)(params)
-  plain_opt = optimizer_lib.make_optimizer(config.train)
-  scaled_opt = optimizer_lib.make_optimizer(dataclasses.replace(config.train, fan_in_lr_base=_BASE))
+  grads = jax.jit(jax.grad(loss))(params)
+  plain_opt, plain_update = _optimizer_and_update(config.train)
+  scaled_opt, scaled_update = _optimizer_and_update(dataclasses.replace(config.train, fan_in_lr_base=_BASE))
   # Two updates so Adam's moments and the weight decay both enter the comparison.
   plain, scaled = plain_opt.init(params), scaled_opt.init(params)
   for _ in range(2):
-    plain_updates, plain = plain_opt.update(grads, plain, params)
-    scaled_updates, scaled = scaled_opt.update(grads, scaled, params)
+    plain_updates, plain = plain_update(grads, plain, params)
+    scaled_updates, scaled = scaled_update(grads, scaled, params)
   multipliers = optimizer_lib.fan_in_lr_multipliers(params, _BASE)
   expected = jax.tree.map(lambda u, m: u * m, plain_updates, multipliers)
   chex.assert_trees_all_close(scaled_updates, expected, rtol=1e-6, atol=1e-9)
@@ -125,13 +135,6 @@ def test_weight_decay_skips_1d_leaves_and_decays_matrices_embeddings_and_routers
   expected = jax.tree.map(lambda p: -lr * 0.25 * p if p.ndim > 1 else jnp.zeros_like(p), params)
   chex.assert_trees_all_close(updates, expected, rtol=1e-6, atol=1e-12)
   assert float(jnp.abs(updates["block_1"]["moe"]["router"]["kernel"]).min()) > 0  # Routers are decayed.
-
-
-@functools.lru_cache
-def _optimizer_and_update(config):
-  """The optimizer of a (frozen, hashable) TrainConfig and its jitted update, compiled once per config and tree."""
-  optimizer = optimizer_lib.make_optimizer(config)
-  return optimizer, jax.jit(optimizer.update)
 
 
 def _first_moment(opt_state):

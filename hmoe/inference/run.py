@@ -10,19 +10,22 @@ import dataclasses
 import functools
 import json
 import pathlib
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
 from hmoe.config import ExperimentConfig, from_config_dict
+from hmoe.data import wikitext
 from hmoe.data.tokenizer import Tokenizer
 from hmoe.inference import storage
 from hmoe.inference.generate import Generator
 from hmoe.inference.sampling import Sampler
 from hmoe.model.transformer import TransformerLM, cross_entropy
 from hmoe.routing.state import RoutingState
-from hmoe.train import checkpoint, optimizer as optimizer_lib, state as state_lib
+from hmoe.train import checkpoint, optimizer as optimizer_lib, state as state_lib, step as step_lib
+from hmoe.train.evaluation import evaluate
 
 
 @dataclasses.dataclass
@@ -90,3 +93,24 @@ def load_run(workdir: str | pathlib.Path) -> LoadedRun:
   step, state = restored
   return LoadedRun(workdir=workdir, config=config, step=step, params=state.params,
                    routing_state=state.routing_state, tokenizer=Tokenizer.load(workdir / "tokenizer.json"))
+
+
+def evaluate_splits(loaded: LoadedRun, splits: Sequence[str], dataset: str | None = None,
+                    data_dir: str | None = None) -> dict[str, dict[str, float]]:
+  """Word-level perplexity of a loaded run (float or compressed) on whole WikiText splits, encoded in memory.
+
+  `dataset` defaults to the run's; `data_dir` to the run's data dir, then `$HMOE_DATA_DIR`, then ../shared/data.
+  """
+  data_config = loaded.config.data
+  root = wikitext.resolve_data_dir(data_dir or data_config.data_dir)
+  model = TransformerLM(loaded.config.model)
+  # Compressed params are dequantized inside the jitted step (`materialize` is a no-op cast for float32 ones).
+  eval_fn = jax.jit(lambda params, routing, batch: step_lib.eval_step(storage.materialize(params), routing, batch,
+                                                                     model=model))
+  results = {}
+  for split in splits:
+    tokens = wikitext.load_split(loaded.tokenizer, wikitext.wikitext_split_path(root, dataset or data_config.dataset,
+                                                                                split))
+    results[split] = evaluate(eval_fn, loaded.params, loaded.routing_state, tokens, data_config,
+                              loaded.tokenizer.eos_id)
+  return results
