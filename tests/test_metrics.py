@@ -41,6 +41,14 @@ def test_parameter_counts_match_hand_count():
   assert counts["params_active"] == counts["params_total"] - counts["params_expert"] * (e - 2) // e
 
 
+def test_parameter_counts_read_boxed_trees_like_plain_ones():
+  config = tiny_config()
+  model = TransformerLM(config.model)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), np.zeros((1, 4), np.int32), train=False))["params"]
+  counts = parameter_counts(boxed, config.model)  # Logically partitioned leaves, as from init_boxed_train_state.
+  assert counts == parameter_counts(nn.meta.unbox(boxed), config.model) and counts["params_expert"] == 3 * 4 * 32 * 32
+
+
 def test_hmoe_active_parameter_count_matches_hand_count():
   # G=2 clusters of M=4 experts with rank-4 residuals, Kc=1 cluster and Ke=2 experts per token, a shared expert.
   hmoe = HMoEConfig(num_experts=8, num_clusters=2, rank=4, top_k_clusters=1, top_k_experts=2, expert_ff=16)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -21,6 +22,7 @@ def parameter_counts(params: Any, config: ModelConfig) -> dict[str, int]:
   """
   total = expert = active_expert = 0
   routed = config.routed
+  params = nn.meta.unbox(params)  # Boxed (logically partitioned) leaves would otherwise hide their names' last key.
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
     size = int(np.prod(leaf.shape))
     total += size
