@@ -129,7 +129,7 @@ def test_corrupt_bytes_inside_an_array_fall_back_and_the_final_checkpoint_is_rew
   assert step == 4  # The rewritten step 4 reads and verifies (restore checks every array's digest).
 
 
-def test_checkpointer_verifies_digests_replaces_failed_steps_and_keeps_exactly_keep(tmp_path):
+def test_checkpointer_verifies_digests_replaces_failed_steps_and_keeps_exactly_keep(tmp_path, caplog):
   state = {"w": jnp.arange(2000.0), "b": jnp.ones(3)}
   wide = checkpoint.Checkpointer(tmp_path, keep=5)
   for step in (1, 2, 3, 4):
@@ -141,6 +141,7 @@ def test_checkpointer_verifies_digests_replaces_failed_steps_and_keeps_exactly_k
   (tmp_path / "5" / "state" / "_METADATA").unlink()
   step, restored = checkpointer.restore(jax.tree.map(jnp.zeros_like, state))
   assert step == 4
+  assert "/5 is unreadable (FileNotFoundError: the metadata of" in caplog.text  # Named, not an AttributeError.
   chex.assert_trees_all_close(restored["w"], state["w"] * 4, atol=0)
   checkpointer.save(5, state)  # The failed step is replaced, not skipped.
   step, restored = checkpointer.restore(jax.tree.map(jnp.zeros_like, state))
