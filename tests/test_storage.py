@@ -89,6 +89,10 @@ def test_save_load_round_trip_is_exact_and_the_export_is_verified(tmp_path):
     storage.load(tmp_path / "export")
   with pytest.raises(FileNotFoundError, match="is not a compressed export"):
     storage.load(tmp_path)
+  manifest_path = tmp_path / "export" / "manifest.json"
+  manifest_path.write_text(manifest_path.read_text().replace('"format_version": 1', '"format_version": 99'))
+  with pytest.raises(ValueError, match="has format 99, this hmoe reads 1"):
+    storage.load(tmp_path / "export")
 
 
 def test_compressed_logits_stay_close_to_the_float_model():
