@@ -36,8 +36,8 @@ def main(argv):
     loaded = load_run(_WORKDIR.value)
     prompt_ids = loaded.tokenizer.encode(_PROMPT.value)
     rng = jax.random.PRNGKey(_SEED.value)
-    for _ in loaded.generator.generate([prompt_ids], min(2, _MAX_NEW_TOKENS.value), rng, sampler):
-      pass  # Compiles the prefill for this prompt length and the decode step, so the timings below exclude it.
+    # Compiles the prefill for this prompt length and the decode step, so the timings below exclude it.
+    list(loaded.generator.generate([prompt_ids], min(2, _MAX_NEW_TOKENS.value), rng, sampler))
     stream = loaded.generator.generate([prompt_ids], _MAX_NEW_TOKENS.value, rng, sampler)
     print(_PROMPT.value, end="", flush=True)
     start = time.perf_counter()

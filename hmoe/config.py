@@ -8,6 +8,7 @@ dataclasses below, and every value is checked *before* anything is traced or com
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import fractions
 import math
@@ -33,7 +34,7 @@ def _require(condition: bool, message: str) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class RoutedConfig:
+class RoutedConfig(abc.ABC):
   """Fields and checks every routed FFN kind shares; `MoEConfig` and `HMoEConfig` add their own.
 
   `section` names the config section in error messages (`--config.model.<section>.<field>`).
@@ -73,9 +74,12 @@ class RoutedConfig:
     """Weight of each auxiliary loss, keyed by its `hmoe.routing.RoutingStats` field."""
     return {"balance_loss": self.balance_loss_weight, "z_loss": self.z_loss_weight}
 
+  @abc.abstractmethod
   def active_fraction(self, param_name: str) -> fractions.Fraction | None:
-    """Fraction of a routed layer's parameter `param_name` that one token uses; None for non-expert parameters."""
-    raise NotImplementedError
+    """Fraction of a routed layer's parameter `param_name` that one token uses; None for non-expert parameters.
+
+    Every routed kind names its expert parameters here (`hmoe.model.param_counts`), so the base cannot be built.
+    """
 
   def _check(self, condition: bool, field: str, requirement: str) -> None:
     _require(condition, f"{self.section}.{field} must be {requirement}, got {getattr(self, field)!r}")

@@ -59,7 +59,7 @@ def train_step(state: TrainState, batch: Batch, *, model: TransformerLM, optimiz
   healthy = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
              & (state.nan_step < 0))
   keep_new = lambda new, old: jax.tree.map(lambda n, o: jnp.where(healthy, n, o), new, old)
-  new_routing_state = update_routing_state(state.routing_state, jax.lax.stop_gradient(stats), config.model)
+  new_routing_state = update_routing_state(state.routing_state, stats, config.model)
   new_state = state.replace(
       step=jnp.where(healthy, state.step + 1, state.step),
       params=keep_new(new_params, state.params),
