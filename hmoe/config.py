@@ -19,6 +19,7 @@ if TYPE_CHECKING:
   import ml_collections
 
 FFN_KINDS = ("dense", "moe", "hmoe")
+SIMILARITY_SIGNALS = ("fused", "router")
 DISPATCH_KINDS = ("sort", "einsum")
 DTYPES = ("float32", "bfloat16")
 
@@ -139,7 +140,10 @@ class HMoEConfig(RoutedConfig):
   residual_init_scale: float = 0.5  # Initial |U V| relative to |B|: experts start distinct but close to their base.
   # Regrouping (hmoe.clustering.regroup). 0 = never regroup: clusters stay as initialised.
   recluster_every: int = 0
-  similarity_alpha: float = 0.6  # Weight of parameter similarity against activation similarity.
+  # What regrouping clusters experts by (`hmoe.clustering.pipeline.grouping_features`): "fused" = parameter sketch +
+  # activation centroid (weighted by `similarity_alpha`); "router" = the experts' centred router rows.
+  similarity_signal: str = "fused"
+  similarity_alpha: float = 0.6  # Weight of parameter similarity against activation similarity ("fused" only).
   # Adopt a new grouping only if mean intra-cluster similarity rises by more than this (negative: always adopt).
   min_gain: float = 0.01
   centroid_ema: float = 0.05  # beta of the activation-centroid EMA.
@@ -179,6 +183,8 @@ class HMoEConfig(RoutedConfig):
     self._check(self.residual_init_scale > 0, "residual_init_scale", "> 0")
     self._check(self.cluster_balance_loss_weight >= 0, "cluster_balance_loss_weight", ">= 0")
     self._check(0 <= self.similarity_alpha <= 1, "similarity_alpha", "in [0, 1]")
+    _require(self.similarity_signal in SIMILARITY_SIGNALS,
+             f"hmoe.similarity_signal={self.similarity_signal!r} must be one of {SIMILARITY_SIGNALS}")
     self._check(0 < self.centroid_ema <= 1, "centroid_ema", "in (0, 1]")
     for field in ("recluster_every", "kmeans_iters"):
       self._check(getattr(self, field) >= 0, field, ">= 0")

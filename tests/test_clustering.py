@@ -76,6 +76,18 @@ def test_fused_features_rejects_bad_arguments():
     fused_features(jnp.ones((4, 8)), jnp.ones((3, 2)))
 
 
+def test_router_features_are_unit_centred_rows_blind_to_a_common_row():
+  rows = jax.random.normal(jax.random.PRNGKey(0), (6, 5))
+  features = clustering.router_features(rows)
+  np.testing.assert_allclose(np.linalg.norm(features, axis=-1), 1.0, rtol=1e-6)
+  centred = np.asarray(rows) - np.asarray(rows).mean(0)
+  np.testing.assert_allclose(features, centred / np.linalg.norm(centred, axis=-1, keepdims=True), rtol=1e-5)
+  shifted = clustering.router_features(rows + 100.0 * jnp.arange(5.0)[None, :])  # A logit shift every expert gets.
+  np.testing.assert_allclose(shifted, features, atol=1e-4)
+  with pytest.raises(ValueError, match="router rows"):
+    clustering.router_features(rows[None])
+
+
 def _planted_cosine_pairs(cosines, in_dim, out_dim, seed=0):
   """Pairs (W, c W + sqrt(1 - c^2) N) of Gaussian matrices, stacked [2 * len(cosines), I, O]."""
   rng = np.random.default_rng(seed)

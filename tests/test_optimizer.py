@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 
+from hmoe.config import HMoEConfig
 from hmoe.model.transformer import TransformerLM, cross_entropy
 from hmoe.testing import dummy_batch, tiny_config
 from hmoe.train import optimizer as optimizer_lib
@@ -46,6 +47,16 @@ def test_multipliers_follow_the_fan_in_of_each_output_projection():
   scaled = {jax.tree_util.keystr(path) for path, m in jax.tree_util.tree_leaves_with_path(multipliers) if m != 1.0}
   assert scaled == {"['block_0']['ffn']['w_down']", "['block_1']['moe']['w_down']",
                     "['block_1']['shared_expert']['w_down']"}
+
+
+def test_hmoe_bases_get_the_fan_in_multiplier_and_low_rank_factors_do_not():
+  config = tiny_config(ffn_pattern="dense,hmoe",
+                       hmoe=HMoEConfig(num_experts=4, num_clusters=2, rank=4, top_k_experts=2, expert_ff=32))
+  _, params = _model_and_params(config)
+  multipliers = optimizer_lib.fan_in_lr_multipliers(params, _BASE)
+  scaled = {jax.tree_util.keystr(path): m for path, m in jax.tree_util.tree_leaves_with_path(multipliers) if m != 1.0}
+  assert scaled == {"['block_0']['ffn']['w_down']": pytest.approx(_BASE / config.model.d_ff),
+                    "['block_1']['hmoe']['base_down']": pytest.approx(_BASE / config.model.hmoe.expert_ff)}
 
 
 def test_scaled_update_equals_plain_adamw_times_multiplier():

@@ -1,6 +1,7 @@
 """Regrouping: identity when not adopted, consistent permutation of params/moments/stats, SVD re-init error,
 several layers with mixed adoption, and expert identities composed over two regroups."""
 
+import dataclasses
 import functools
 
 import chex
@@ -132,6 +133,35 @@ def test_layers_decide_separately_and_identities_compose_over_two_regroups():
                            for row in np.asarray(second.clusters.centroid[0])])
   np.testing.assert_array_equal(second.clusters.expert_id[0], perm1[moved_from])
   np.testing.assert_allclose(second.selection_bias[0], first.selection_bias[0][moved_from])
+
+
+def test_router_signal_groups_by_centred_router_rows_and_permutes_consistently():
+  config, state, routing, _ = _setup()
+  model_config = dataclasses.replace(config.model, hmoe=dataclasses.replace(
+      config.model.hmoe, similarity_signal="router", min_gain=0.1))
+  fn = jax.jit(functools.partial(regroup.recluster, config=model_config,
+                                 optimizer=optimizer_lib.make_optimizer(config.train)))
+  # Router rows planted opposite to `_setup`'s centroids: layer 0's repeat the current grouping, layer 1's pair even
+  # and odd experts. A large row common to all experts (no softmax sees it) would hide the pattern without centring.
+  direction, common = (jax.random.normal(jax.random.PRNGKey(k), (_D,)) for k in (10, 11))
+  halves, parity = jnp.where(jnp.arange(_E) < _E // 2, 1.0, -1.0), jnp.where(jnp.arange(_E) % 2 == 0, 1.0, -1.0)
+  rows_LxExD = (jnp.stack([halves, parity])[..., None] * direction[None, None, :] + 10.0 * common[None, None, :]
+                + 0.1 * jax.random.normal(jax.random.PRNGKey(12), (2, _E, _D)))
+  params = dict(state.params)
+  for layer in range(2):
+    block = f"block_{layer}"
+    kernel = rows_LxExD[layer].T.reshape(_D, 2, _E // 2)
+    params[block] = {**params[block], "hmoe": {**params[block]["hmoe"], "router": {"kernel": kernel}}}
+  new_params, _, new_routing = fn(params, state.opt_state, routing, jnp.asarray(3))
+  clusters = new_routing.clusters
+  np.testing.assert_array_equal(np.asarray(clusters.adopted), [False, True])
+  assert float(clusters.similarity_gain[1]) > 0.1 >= float(clusters.similarity_gain[0])
+  chex.assert_trees_all_close(new_params["block_0"], params["block_0"], atol=0, rtol=0)
+  perm = np.asarray(clusters.expert_id[1])
+  np.testing.assert_array_equal(np.sort(perm[:4] % 2), [perm[0] % 2] * 4)  # One cluster of evens, one of odds.
+  np.testing.assert_allclose(_router(new_params["block_1"]["hmoe"]), _router(params["block_1"]["hmoe"])[:, perm])
+  np.testing.assert_allclose(clusters.centroid[1], routing.clusters.centroid[1][perm])
+  np.testing.assert_allclose(new_routing.selection_bias[1], routing.selection_bias[1][perm])
 
 
 def test_recluster_compiles_once_and_its_seed_follows_the_step():

@@ -31,7 +31,7 @@ from hmoe.model.layers import SWIGLU_MATRICES
 from hmoe.routing.state import RoutingState, init_routing_state
 
 # MoE fields with no HMoE meaning: converting a model that depends on them would change what it computes.
-_NOT_CONVERTIBLE = {"dispatch": "sort", "dropless": False}
+_NOT_CONVERTIBLE = {"dispatch": "sort"}
 
 
 def hmoe_model_config(moe_model: ModelConfig, *, num_clusters: int, rank: int, top_k_clusters: int = 1,
@@ -40,7 +40,7 @@ def hmoe_model_config(moe_model: ModelConfig, *, num_clusters: int, rank: int, t
 
   Every field the two kinds share (`hmoe.config.RoutedConfig`: experts, width, capacity, eval mode, loss weights,
   jitter, balancing-bias rate, routed scale) carries over, and top_k becomes the experts chosen per cluster. A MoE
-  trained with the einsum dispatch or dropless is rejected (the HMoE layer has neither). `hmoe_overrides` (e.g.
+  trained with the einsum dispatch is rejected (the HMoE layer has no such path). `hmoe_overrides` (e.g.
   `recluster_every=0`) replace fields of the result's `HMoEConfig`.
   """
   if moe_model.routed_kind != "moe":
@@ -72,7 +72,7 @@ def convert_moe_layer(moe_params: dict[str, Any], config: HMoEConfig, key: jax.A
   router_DxE = moe_params["router"]["kernel"]
   weights = {name: moe_params[f"w_{name}"] for name in SWIGLU_MATRICES}
   activation = router_DxE.T if centroid_ExD is None else centroid_ExD
-  features = pipeline.expert_features(weights, activation, config)
+  features = pipeline.grouping_features(weights, activation, router_DxE.T, config)
   _, perm_E = pipeline.propose_grouping(features, config, key)
   router_DxGxM = router_DxE.reshape(router_DxE.shape[0], config.num_clusters, config.experts_per_cluster)
   return pipeline.regrouped_layer(weights, router_DxGxM, perm_E, config.num_clusters, config.rank), perm_E

@@ -129,6 +129,20 @@ def fused_features(param_sketch_ExS: jax.Array, centroid_ExD: jax.Array, alpha: 
   return jnp.concatenate([param_ExS, activation_ExD], axis=-1)
 
 
+def router_features(router_ExD: jax.Array) -> jax.Array:
+  """Unit rows of the router embeddings after removing their mean over experts: float32 [E, D].
+
+  The mean row adds the same logit to every expert, which no softmax over experts sees, so only the centred rows say
+  which tokens an expert wins against the others. Grouping experts whose centred rows agree makes the hierarchical
+  router's cluster logit (the mean of its members' logits) a faithful stand-in for each member's. Unlike reconstructed
+  weights `B_c + U_e V_e`, the rows hold no shared per-cluster term that would make the current grouping look optimal.
+  """
+  if router_ExD.ndim != 2:
+    raise ValueError(f"need router rows [E, D], got shape {router_ExD.shape}")
+  rows = router_ExD.astype(jnp.float32)
+  return _normalize_rows(rows - jnp.mean(rows, axis=0, keepdims=True))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Balanced spherical k-means
 # ----------------------------------------------------------------------------------------------------------------------

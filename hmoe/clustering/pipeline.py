@@ -1,7 +1,8 @@
 """The one expert-grouping pipeline, shared by in-training regrouping (`regroup`) and post-hoc conversion (`convert`).
 
-1. `expert_features`: per expert, a fixed Kronecker sketch of its (reconstructed) gate, up and down matrices fused with
-   an activation direction (`kmeans.fused_features`);
+1. `grouping_features`: per expert, by `HMoEConfig.similarity_signal`, either ("fused") a fixed Kronecker sketch of
+   its (reconstructed) gate, up and down matrices fused with an activation direction (`expert_features`), or
+   ("router") its centred router row (`kmeans.router_features`);
 2. `propose_grouping`: balanced spherical k-means on those features -> the cluster-major permutation of the experts;
 3. `regrouped_layer`: bases = mean of each new cluster's members, residual factors = rank-R truncated SVD of
    `W_e - B_c`, router rows permuted with their experts.
@@ -47,6 +48,14 @@ def expert_features(weights: dict[str, jax.Array], activation_ExD: jax.Array, co
                  for key, name in zip(keys, SWIGLU_MATRICES)]
   sketch = kmeans.sketch_expert([weights[name] for name in SWIGLU_MATRICES], projections)
   return kmeans.fused_features(sketch, activation_ExD, config.similarity_alpha)
+
+
+def grouping_features(weights: dict[str, jax.Array], activation_ExD: jax.Array, router_ExD: jax.Array,
+                      config: HMoEConfig) -> jax.Array:
+  """The features [E, Z] that `config.similarity_signal` clusters experts by (see the module docstring)."""
+  if config.similarity_signal == "router":
+    return kmeans.router_features(router_ExD)
+  return expert_features(weights, activation_ExD, config)
 
 
 def propose_grouping(features_ExZ: jax.Array, config: HMoEConfig, key: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -6,7 +6,8 @@ The train step folds each batch's routing statistics into the clustering statist
 
 Regrouping one layer (the steps of `hmoe.clustering.pipeline`):
 1. reconstruct every expert `W_e = B_c + U_e V_e` (gate, up, down) in cluster-major order;
-2. features `z_e` = fused parameter sketch + EMA activation centroid; balanced spherical k-means on `z`;
+2. features `z_e` (`pipeline.grouping_features`: fused parameter sketch + EMA activation centroid, or the centred
+   router row); balanced spherical k-means on `z`;
 3. adopt the new grouping only if the mean intra-cluster similarity rises by more than `min_gain`;
 4. if adopted: permute experts into the new cluster-major order; new base = mean of the members' reconstructed
    weights; new factors = rank-R truncated SVD of `W_e - B_c`; permute router rows, EMA centroids, balancing biases
@@ -54,7 +55,8 @@ def recluster(params: Any, opt_state: Any, routing_state: RoutingState, step: ja
   for layer, block in enumerate(layer_names):
     layer_params = params[block]["hmoe"]
     weights = pipeline.reconstruct_experts(layer_params)
-    features = pipeline.expert_features(weights, centroid[layer], cfg)
+    router_ExD = layer_params["router"]["kernel"].reshape(-1, cfg.num_experts).T
+    features = pipeline.grouping_features(weights, centroid[layer], router_ExD, cfg)
     similarity = features @ features.T
     current = jnp.arange(cfg.num_experts, dtype=jnp.int32) // cfg.experts_per_cluster
     candidate, candidate_perm = pipeline.propose_grouping(features, cfg, keys[layer])

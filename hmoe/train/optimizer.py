@@ -22,16 +22,22 @@ def decay_mask(params: Any) -> Any:
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
+# SwiGLU output projections [..., F, D]: dense and MoE `w_down`, and the HMoE's shared `base_down` (the bulk of its
+# experts' down matrix; the rank-R factors keep lr x1, as LoRA-style adapters do).
+_OUTPUT_PROJECTIONS = ("w_down", "base_down")
+
+
 def fan_in_lr_multipliers(params: Any, base_fan_in: int) -> Any:
-  """Per-leaf learning-rate multipliers: base_fan_in / fan_in for SwiGLU output projections (`w_down`), else 1.
+  """Per-leaf learning-rate multipliers: base_fan_in / fan_in for SwiGLU output projections, else 1.
 
   muP for Adam: an update of size lr per entry moves a layer's output by about lr * fan_in, so a routed expert of
   width 256 learns 4x slower in function space than a dense FFN of width 1024 at the same lr. Scaling its lr by
-  1024 / 256 restores the dense rate. `w_down` is [..., F, D] (dense [F, D], experts [E, F, D]): fan_in is F.
+  1024 / 256 restores the dense rate. `w_down` is [..., F, D] (dense [F, D], experts [E, F, D], HMoE bases [G, F, D]):
+  fan_in is F.
   """
   def multiplier(path, leaf) -> float:
     name = getattr(path[-1], "key", None)
-    return base_fan_in / leaf.shape[-2] if name == "w_down" else 1.0
+    return base_fan_in / leaf.shape[-2] if name in _OUTPUT_PROJECTIONS else 1.0
 
   return jax.tree_util.tree_map_with_path(multiplier, params)
 
