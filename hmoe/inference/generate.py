@@ -94,11 +94,19 @@ class Generator:
     """Yields int32 [B] tokens, one array per step, `max_new_tokens` times (greedy unless `sampler` says)."""
     sampler = sampler or Sampler()
     tokens, lengths = self._pad(prompts, max_new_tokens)
-    logits, cache = self.prefill(self.params, self.routing_state, tokens, lengths)
+    logits, cache = self.run_prefill(tokens, lengths)
     positions = jnp.asarray(lengths)
     for step in range(max_new_tokens):
       next_tokens = self._sample(logits, jax.random.fold_in(rng, step), sampler)
       yield np.asarray(next_tokens)
       if step + 1 < max_new_tokens:
-        logits, cache = self.decode_step(self.params, self.routing_state, cache, next_tokens, positions)
+        logits, cache = self.run_decode_step(cache, next_tokens, positions)
         positions = positions + 1
+
+  def run_prefill(self, tokens_BxP: np.ndarray, lengths_B: np.ndarray) -> tuple[jax.Array, Any]:
+    """Logits after each prompt's last token [B, V] and the filled cache (the offloading engine overrides this)."""
+    return self.prefill(self.params, self.routing_state, tokens_BxP, lengths_B)
+
+  def run_decode_step(self, cache: Any, tokens_B: jax.Array, positions_B: jax.Array) -> tuple[jax.Array, Any]:
+    """Logits [B, V] for the next token after `tokens_B` at `positions_B`, and the updated cache."""
+    return self.decode_step(self.params, self.routing_state, cache, tokens_B, positions_B)

@@ -37,8 +37,8 @@ def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str
 
 
 def hmoe_group_forward(x_TxD: jax.Array, route: HierarchicalRouterOutput, bases: dict[str, jax.Array],
-                       factors: dict[str, tuple[jax.Array, jax.Array]], capacity: int | None, block_size: int
-                       ) -> tuple[jax.Array, jax.Array]:
+                       factors: dict[str, tuple[jax.Array, jax.Array]], capacity: int | None, block_size: int,
+                       factor_row_E: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Output [T, D] of one routing group and the kept mask [Kc * T] of its (token, cluster) assignments.
 
   Args:
@@ -49,11 +49,14 @@ def hmoe_group_forward(x_TxD: jax.Array, route: HierarchicalRouterOutput, bases:
     capacity: slots per cluster, C; None = dropless: slots sorted by cluster into row blocks of `block_size`, each
       block multiplied with its cluster's bases (a `[G, T, ...]` buffer would do G times the base work).
     block_size: rows per block of the grouped matmuls.
+    factor_row_E: optional int32 [E]: the row of `factors` that holds each (cluster-major) expert; default: row e.
+      The offloading engine passes its cache slots here (bases resident, factors cached). `route.cluster_index`
+      indexes the leading axis of `bases`, so a cache of whole clusters passes slot indices there.
   """
   num_tokens, width = x_TxD.shape
   num_clusters = bases["gate"].shape[0]
-  num_experts = factors["gate"][0].shape[0]
-  num_members = num_experts // num_clusters
+  num_factor_rows = factors["gate"][0].shape[0]
+  num_members = route.expert_probs.shape[-1]
   top_kc, top_ke = route.member_index.shape[1:]
 
   with jax.named_scope("cluster_dispatch"):
@@ -91,7 +94,9 @@ def hmoe_group_forward(x_TxD: jax.Array, route: HierarchicalRouterOutput, bases:
     # Empty slots still occupy rows (zero gate, member 0): bounded by the capacity slack, and it keeps shapes static.
     slot_experts_SxKe = slot_cluster[:, None] * num_members + members_AxKe[slot_assignment]
     slot_gates_SxKe = gates_AxKe[slot_assignment]
-    plan2 = dispatch.plan_dropless(slot_experts_SxKe, num_experts, block_size)
+    if factor_row_E is not None:
+      slot_experts_SxKe = factor_row_E[slot_experts_SxKe]
+    plan2 = dispatch.plan_dropless(slot_experts_SxKe, num_factor_rows, block_size)
     rows_x = dispatch.gather_rows(slots_SxD, plan2)
     rows_base_gate = dispatch.gather_rows(base_gate_SxF, plan2)
     rows_base_up = dispatch.gather_rows(base_up_SxF, plan2)

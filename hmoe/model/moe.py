@@ -7,6 +7,8 @@ capacity and sorting stay local to a device), routed by a float32 `Router`, move
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,7 +16,7 @@ import jax.numpy as jnp
 from hmoe.config import MoEConfig
 from hmoe.model.layers import swiglu
 from hmoe.routing import dispatch
-from hmoe.routing.routers import Router
+from hmoe.routing.routers import Router, RouterOutput
 from hmoe.routing.statistics import RoutingStats, layer_stats
 
 
@@ -23,6 +25,37 @@ def _expert_param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tu
   # expert starts sqrt(E) too small.
   init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=1, out_axis=2, batch_axis=(0,))
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+
+
+def sort_path_forward(x_GxTxD: jax.Array, route: RouterOutput, weights: Sequence[jax.Array], num_experts: int,
+                      capacity: int | None, block_size: int) -> tuple[jax.Array, jax.Array]:
+  """The sort/gather path: output [G, T, D] and kept mask of `route`'s choices over `num_experts` stacked experts.
+
+  `weights` = (gate [E, D, F], up [E, D, F], down [E, F, D]); capacity None = dropless (row blocks of `block_size`,
+  each multiplied with its own expert). A pure function of its arguments, so the offloading engine
+  (`hmoe.inference.offload`) runs it on a device cache of experts with the route's indices mapped to cache slots.
+  """
+  dropless = capacity is None
+  if dropless:
+    plan = dispatch.map_groups(dispatch.plan_dropless, (0, None, None), route.expert_index, num_experts, block_size)
+  else:
+    plan = dispatch.map_groups(dispatch.plan_capacity, (0, None, None), route.expert_index, num_experts, capacity)
+  with jax.named_scope("dispatch"):
+    rows_GxRxD = dispatch.map_groups(dispatch.gather_rows, (0, 0), x_GxTxD, plan)
+  num_blocks = plan.block_expert.shape[-1]
+  rows_GxNxSxD = rows_GxRxD.reshape(rows_GxRxD.shape[0], num_blocks, -1, rows_GxRxD.shape[-1])
+  with jax.named_scope("experts"):
+    if dropless:
+      # Each row block multiplies its own expert's weights: gather them per block.
+      block_weights = [w[plan.block_expert] for w in weights]
+      y_GxNxSxD = swiglu(rows_GxNxSxD, *block_weights, pattern="gnsd,gndf->gnsf")
+    else:
+      rows_GxNxSxD = nn.with_logical_constraint(rows_GxNxSxD, ("batch", "expert", None, "embed"))
+      y_GxNxSxD = swiglu(rows_GxNxSxD, *weights, pattern="gnsd,ndf->gnsf")
+  with jax.named_scope("combine"):
+    y_GxRxD = y_GxNxSxD.reshape(rows_GxRxD.shape)
+    y_GxTxD = dispatch.map_groups(dispatch.combine_rows, (0, 0, 0), y_GxRxD, plan, route.gates)
+  return y_GxTxD, plan.kept
 
 
 class MoEFeedForward(nn.Module):
@@ -56,30 +89,8 @@ class MoEFeedForward(nn.Module):
     return y_GxTxD.reshape(x_BxLxD.shape), layer_stats(route, kept, x_GxTxD, cfg.num_experts)
 
   def _sort_path(self, x_GxTxD, route, weights, capacity):
-    cfg = self.config
-    dropless = capacity is None
-    if dropless:
-      plan = dispatch.map_groups(dispatch.plan_dropless, (0, None, None), route.expert_index, cfg.num_experts,
-                                 cfg.dropless_block_size)
-    else:
-      plan = dispatch.map_groups(dispatch.plan_capacity, (0, None, None), route.expert_index, cfg.num_experts,
-                                 capacity)
-    with jax.named_scope("dispatch"):
-      rows_GxRxD = dispatch.map_groups(dispatch.gather_rows, (0, 0), x_GxTxD, plan)
-    num_blocks = plan.block_expert.shape[-1]
-    rows_GxNxSxD = rows_GxRxD.reshape(rows_GxRxD.shape[0], num_blocks, -1, rows_GxRxD.shape[-1])
-    with jax.named_scope("experts"):
-      if dropless:
-        # Each row block multiplies its own expert's weights: gather them per block.
-        block_weights = [w[plan.block_expert] for w in weights]
-        y_GxNxSxD = swiglu(rows_GxNxSxD, *block_weights, pattern="gnsd,gndf->gnsf")
-      else:
-        rows_GxNxSxD = nn.with_logical_constraint(rows_GxNxSxD, ("batch", "expert", None, "embed"))
-        y_GxNxSxD = swiglu(rows_GxNxSxD, *weights, pattern="gnsd,ndf->gnsf")
-    with jax.named_scope("combine"):
-      y_GxRxD = y_GxNxSxD.reshape(rows_GxRxD.shape)
-      y_GxTxD = dispatch.map_groups(dispatch.combine_rows, (0, 0, 0), y_GxRxD, plan, route.gates)
-    return y_GxTxD, plan.kept
+    return sort_path_forward(x_GxTxD, route, weights, self.config.num_experts, capacity,
+                             self.config.dropless_block_size)
 
   def _einsum_path(self, x_GxTxD, route, weights, capacity):
     # Dropless evaluation on the einsum path: T slots per expert never drop (a token uses an expert at most once).
