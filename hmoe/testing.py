@@ -36,6 +36,13 @@ def dummy_batch(config: ExperimentConfig, seed: int = 0) -> dict[str, np.ndarray
   return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
 
 
+def init_params(module: nn.Module, *args: Any, seed: int = 0, **kwargs: Any) -> Any:
+  """`module.init(PRNGKey(seed), *args, **kwargs)["params"]`, jitted and unboxed: run op by op, the init of a model
+  with an HMoE layer takes about 20 s on CPU; compiled, about one."""
+  init = jax.jit(lambda key, *inputs: module.init(key, *inputs, **kwargs))
+  return nn.meta.unbox(init(jax.random.PRNGKey(seed), *args)["params"])
+
+
 def random_layer_params(layer: nn.Module, x: jax.Array, seed: int,
                         stddev: Callable[[str, tuple[int, ...]], float]) -> Any:
   """Parameters of `layer`'s structure (from `eval_shape`, no eager init pass: that is slow) filled with normals of

@@ -4,7 +4,6 @@ import json
 import pathlib
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +16,7 @@ from hmoe.inference.run import evaluate_splits, load_run
 from hmoe.inference.sampling import Sampler
 from hmoe.model.transformer import TransformerLM
 from hmoe.routing.state import init_routing_state
-from hmoe.testing import tiny_config
+from hmoe.testing import init_params, tiny_config
 from hmoe.train.loop import train_and_evaluate
 
 _CONFIGS = {
@@ -33,7 +32,7 @@ def _model(kind):
   config = _CONFIGS[kind].model
   model = TransformerLM(config)
   tokens = np.zeros((2, 8), np.int32)
-  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), tokens, train=False)["params"])
+  params = init_params(model, tokens, train=False)
   routing = init_routing_state(config)
   if routing.selection_bias is not None:
     routing = routing.replace(selection_bias=0.05 * jax.random.normal(jax.random.PRNGKey(1),
@@ -48,7 +47,8 @@ def test_cached_decoding_gives_the_full_forward_logits_position_by_position(kind
   monkeypatch.setattr(generate_lib, "_decode_step", chex.assert_max_traces(generate_lib._decode_step, n=1))
   config, model, params, routing = _model(kind)
   tokens = np.random.default_rng(0).integers(1, config.vocab_size, (2, 14)).astype(np.int32)
-  full, _ = model.apply({"params": params}, tokens, train=False, selection_bias=routing.selection_bias)
+  full = jax.jit(lambda p: model.apply({"params": p}, tokens, train=False, selection_bias=routing.selection_bias)[0])(
+      params)
   generator = generate_lib.Generator(config, params, routing)
   lengths = np.array([6, 3], np.int32)  # Prompts of different lengths, right-padded in one batch.
   padded = np.where(np.arange(6)[None] < lengths[:, None], tokens[:, :6], 0)

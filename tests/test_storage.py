@@ -4,7 +4,6 @@ model, and quantization-aware training's straight-through gradient."""
 import dataclasses
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +14,7 @@ from hmoe.inference import quantize as qlib, storage
 from hmoe.model.hierarchical import HMoEFeedForward
 from hmoe.model.transformer import TransformerLM
 from hmoe.routing.state import init_routing_state
-from hmoe.testing import tiny_config
+from hmoe.testing import init_params, tiny_config
 
 _HMOE = HMoEConfig(num_experts=8, num_clusters=2, rank=4, expert_ff=32, block_size=8, bias_update_rate=0.01)
 
@@ -26,7 +25,7 @@ def _model(kind):
   else:
     config = tiny_config(moe=MoEConfig(num_experts=4, top_k=2, expert_ff=32))
   model = TransformerLM(config.model)
-  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), np.zeros((2, 8), np.int32), train=False)["params"])
+  params = init_params(model, np.zeros((2, 8), np.int32), train=False)
   return config, model, params
 
 
@@ -104,9 +103,9 @@ def test_compressed_logits_stay_close_to_the_float_model():
   for kind in ("moe", "hmoe"):
     config, model, params = _model(kind)
     tokens = np.random.default_rng(0).integers(0, config.model.vocab_size, (2, 16)).astype(np.int32)
-    reference, _ = model.apply({"params": params}, tokens, train=False)
-    compressed = storage.materialize(storage.compress(params, config.model))
-    logits, _ = model.apply({"params": compressed}, tokens, train=False)
+    forward = jax.jit(lambda p, model=model: model.apply({"params": p}, tokens, train=False)[0])
+    reference = forward(params)
+    logits = forward(storage.materialize(storage.compress(params, config.model)))
     error = float(jnp.mean(jnp.abs(logits - reference))) / float(jnp.std(reference))
     log_p, log_q = jax.nn.log_softmax(reference), jax.nn.log_softmax(logits)
     kl = float(jnp.mean(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)))
@@ -117,16 +116,16 @@ def test_quantization_aware_training_forward_is_quantized_and_gradient_straight_
   cfg = dataclasses.replace(_HMOE, qat_group_size=8)
   x = jax.random.normal(jax.random.PRNGKey(0), (1, 8, 32))
   qat, plain = HMoEFeedForward(cfg), HMoEFeedForward(dataclasses.replace(cfg, qat_group_size=0))
-  params = nn.meta.unbox(plain.init(jax.random.PRNGKey(1), x, train=False))
+  params = {"params": init_params(plain, x, seed=1, train=False)}
   quantized = jax.tree_util.tree_map_with_path(
       lambda path, p: qlib.fake_quantize(p, qlib.group_for(p.shape[-2], 8))
       if getattr(path[-1], "key", "")[:2] in ("u_", "v_") else p, params)
-  y_qat, _ = qat.apply(params, x, train=False)
-  y_quantized, _ = plain.apply(quantized, x, train=False)
+  forward = {module: jax.jit(lambda p, module=module: module.apply(p, x, train=False)[0]) for module in (qat, plain)}
+  y_qat, y_quantized = forward[qat](params), forward[plain](quantized)
   np.testing.assert_allclose(y_qat, y_quantized, atol=1e-6)
-  assert float(jnp.max(jnp.abs(y_qat - plain.apply(params, x, train=False)[0]))) > 1e-4  # QAT changed the forward.
+  assert float(jnp.max(jnp.abs(y_qat - forward[plain](params)))) > 1e-4  # QAT changed the forward.
   # Straight-through: the QAT gradient w.r.t. the float factors is the plain gradient at the quantized factors.
-  loss = lambda module, p: jnp.sum(jnp.sin(module.apply(p, x, train=False)[0]))
-  grad_qat = jax.grad(lambda p: loss(qat, p))(params)
-  grad_at_quantized = jax.grad(lambda p: loss(plain, p))(quantized)
+  grad = {module: jax.jit(jax.grad(lambda p, module=module: jnp.sum(jnp.sin(forward[module](p)))))
+          for module in (qat, plain)}
+  grad_qat, grad_at_quantized = grad[qat](params), grad[plain](quantized)
   chex.assert_trees_all_close(grad_qat, grad_at_quantized, atol=1e-5, rtol=1e-4)

@@ -177,6 +177,8 @@ class Residency:
     self.stats.prefetch_hits += sum(key in self._prefetched for key in resident)
     self._prefetched.difference_update(keys)
     missing = [key for key in keys if key not in pool.slot_of]
+    for key in resident:
+      self._touch(key)
     waves, protected = [], set(resident)
     current, slots, loads = list(resident), [pool.slot_of[key] for key in resident], []
     for key in missing:
@@ -189,9 +191,8 @@ class Residency:
       slots.append(load.slot)
       loads.append(load)
       protected.add(key)
+      self._touch(key)  # Used now: within a request, the units of earlier waves are older.
     waves.append(Wave(tuple(current), tuple(slots), tuple(loads)))
-    for key in keys:
-      self._touch(key)
     self.stats.waves += len(waves)
     return waves
 
