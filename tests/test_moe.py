@@ -187,6 +187,27 @@ def test_second_choices_yield_to_first_choices():
   np.testing.assert_array_equal(np.asarray(plan.kept), [True, True, False, False])
 
 
+@pytest.mark.parametrize("num_tokens,top_k,num_experts,block_size", [(1, 2, 32, 128), (3, 2, 4, 8), (50, 2, 5, 8),
+                                                                     (7, 1, 64, 4), (16, 2, 8, 1)])
+def test_dropless_block_bound_fits_the_worst_routing_and_is_tight_at_decode(num_tokens, top_k, num_experts,
+                                                                             block_size):
+  rows = num_tokens * top_k
+  bound = dispatch.dropless_num_blocks(num_tokens, num_experts, top_k, block_size)
+  # Worst case: as many experts as possible get a remainder of one row past a whole number of blocks.
+  rng = np.random.default_rng(0)
+  worst = 0
+  for _ in range(200):
+    counts = np.bincount(rng.integers(0, num_experts, rows), minlength=num_experts)
+    worst = max(worst, int(np.sum(-(-counts // block_size))))
+  busy = min(num_experts, rows)
+  ones = np.ones(busy, int)
+  ones[0] += rows - busy  # busy - 1 experts with one row, the rest on one expert.
+  worst = max(worst, int(np.sum(-(-ones // block_size))))
+  assert worst <= bound
+  if rows <= num_experts:  # Decode-shaped: at most one block per routed row.
+    assert bound <= rows
+
+
 def test_dropless_never_drops_and_padding_is_bounded():
   expert_index = jax.random.randint(jax.random.PRNGKey(0), (50, 2), 0, 5)
   expert_index = expert_index.at[:, 1].set((expert_index[:, 0] + 1) % 5)

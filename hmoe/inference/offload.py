@@ -157,11 +157,15 @@ def _compiled(cfg: ModelConfig, mode: str) -> _Functions:
       predicted = units_of(router(next_block[kind]["router"], next_normed, next_bias))
     return x_BxLxD, normed, route, units_of(route), predicted, cache
 
-  def wave(slots, bases, normed_BxLxD, route, slot_U, present_U):
-    """The routed output of the wave's units; the gates of every other unit are zero."""
-    weights = storage.materialize(slots)
+  def wave(slots, bases, normed_BxLxD, route, wave_slot_W, position_U, present_U):
+    """The routed output of the wave's units; the gates of every other unit are zero.
+
+    Only the wave's W slots (`wave_slot_W`) are gathered and dequantized, not the whole pool; `position_U` is each
+    unit's position among them.
+    """
+    weights = storage.materialize(jax.tree.map(lambda pool: pool[wave_slot_W], slots))
     x_GxTxD = dispatch.split_groups(normed_BxLxD, 1).astype(dtype)
-    num_slots = jax.tree.leaves(slots)[0].shape[0]
+    num_slots, slot_U = wave_slot_W.shape[0], position_U
     if mode == "expert":
       index = route.expert_index
       route = route.replace(expert_index=slot_U[index], gates=jnp.where(present_U[index], route.gates, 0.0))
@@ -305,13 +309,15 @@ class OffloadedModel:
     self.slots[pool] = _write_slot(self.slots[pool], jnp.asarray(load.slot, jnp.int32), unit)
     self.load_seconds += time.perf_counter() - start
 
-  def _slot_map(self, wave: Wave) -> tuple[np.ndarray, np.ndarray]:
-    """int32 [U] slot of each unit of the wave (0 elsewhere) and bool [U] membership in the wave."""
-    slot_U = np.zeros(self.units_per_layer, np.int32)
+  def _wave_arrays(self, wave: Wave, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """int32 [W] slots of the wave's units (padded with slot 0), int32 [U] position of each unit among them (0
+    elsewhere) and bool [U] membership in the wave."""
+    slot_W = np.zeros(width, np.int32)
+    position_U = np.zeros(self.units_per_layer, np.int32)
     present_U = np.zeros(self.units_per_layer, bool)
-    for (_, index), slot in zip(wave.keys, wave.slots):
-      slot_U[index], present_U[index] = slot, True
-    return slot_U, present_U
+    for position, ((_, index), slot) in enumerate(zip(wave.keys, wave.slots)):
+      slot_W[position], position_U[index], present_U[index] = slot, position, True
+    return slot_W, position_U, present_U
 
   # --------------------------------------------------------------------------------------------------------------------
   # Forward pass
@@ -348,9 +354,10 @@ class OffloadedModel:
       for wave in waves:
         for load in wave.loads:
           self._copy(load)
-        slot_U, present_U = self._slot_map(wave)
-        pool = self.slots[self.residency.pool_of(r)]
-        out = self._fns.wave(pool, bases, normed, route, slot_U, present_U)
+        pool = self.residency.pool_of(r)
+        # Static width: a wave holds at most min(slots, units, routed picks) units (one compile per width).
+        width = min(self.residency.slots_per_pool[pool], self.units_per_layer, len(np.asarray(units)))
+        out = self._fns.wave(self.slots[pool], bases, normed, route, *self._wave_arrays(wave, width))
         routed_out = out if routed_out is None else routed_out + out
       if has_next:
         prediction = tuple(dict.fromkeys(np.asarray(predicted).tolist()))
