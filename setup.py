@@ -22,5 +22,7 @@ setuptools.setup(
     ],
     extras_require={
         "test": ["pytest>=8.0", "chex>=0.1.88", "ruff>=0.6"],
+        # Figures of the experiments (experiments/offload_sim.py); the library never imports it.
+        "plots": ["matplotlib>=3.8"],
     },
 )
