@@ -24,6 +24,13 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "WikiText root (default: $HMOE
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_list(
     "allow_config_change", [], "Fields a resume may change (only safe ones: hmoe.train.run_dir.SAFE_TO_CHANGE).")
 
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Multi-host: call jax.distributed.initialize() first (auto-detected on Cloud TPU and SLURM; "
+    "elsewhere give the three flags below).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host, no TPU/SLURM).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -35,6 +42,8 @@ def main(argv):
     raw["data"]["data_dir"] = _DATA_DIR.value
   try:
     config = from_config_dict(raw)  # Validates every field before anything compiles.
+    if _DISTRIBUTED.value or _COORDINATOR.value:
+      jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     logging.info("JAX %s on %s", jax.__version__, jax.devices())
     results = train_and_evaluate(config, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
   except USER_ERRORS as error:

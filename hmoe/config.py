@@ -69,6 +69,10 @@ class RoutedConfig(abc.ABC):
   # *sum* of k blocks: each expert's output and its function-space learning rate are ~1/k of a dense block's.
   # Setting it to top_k restores the sum (no gain in the small.py probes, README).
   routed_scale: float = 1.0
+  # Explicit expert parallelism (`hmoe.parallel.expert_parallel`) when the mesh has an expert axis > 1: shard_map +
+  # all_to_all with per-destination-shard capacity (capacity_factor / eval_capacity_factor; a dropless setting
+  # reserves the worst case, every row to one shard). False: XLA's partitioner decides from the logical axes.
+  expert_parallel: bool = False
 
   @property
   def loss_weights(self) -> dict[str, float]:

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from hmoe.config import HMoEConfig
 from hmoe.inference.quantize import fake_quantize, group_for
 from hmoe.model.layers import SWIGLU_MATRICES
+from hmoe.parallel import expert_parallel
 from hmoe.routing import dispatch
 from hmoe.routing.routers import HierarchicalRouter, HierarchicalRouterOutput
 from hmoe.routing.statistics import RoutingStats, layer_stats
@@ -169,8 +170,15 @@ class HMoEFeedForward(nn.Module):
     bases, factors = self._parameters(x_BxLxD.shape[-1])
     cast = lambda tree: jax.tree.map(lambda w: w.astype(self.dtype), tree)
     capacity = dispatch.layer_capacity(cfg, x_GxTxD.shape[1], g, cfg.top_k_clusters, train)
-    y_GxTxD, kept = dispatch.map_groups(hmoe_group_forward, (0, 0, None, None, None, None), x_GxTxD.astype(self.dtype),
-                                        route, cast(bases), cast(factors), capacity, cfg.block_size)
+    shards = expert_parallel.expert_axis_size() if cfg.expert_parallel else 1
+    if shards > 1:
+      y_GxTxD, kept = expert_parallel.hmoe_forward(x_GxTxD.astype(self.dtype), route, cast(bases), cast(factors),
+                                                   dispatch.parallel_capacity_factor(cfg, shards, train),
+                                                   cfg.block_size)
+    else:
+      y_GxTxD, kept = dispatch.map_groups(hmoe_group_forward, (0, 0, None, None, None, None),
+                                          x_GxTxD.astype(self.dtype), route, cast(bases), cast(factors), capacity,
+                                          cfg.block_size)
     if cfg.routed_scale != 1.0:
       y_GxTxD = y_GxTxD * cfg.routed_scale
     stats = layer_stats(route, kept, x_GxTxD, cfg.num_experts, cluster_index=route.cluster_index, num_clusters=g)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from hmoe.config import MoEConfig
 from hmoe.model.layers import swiglu
+from hmoe.parallel import expert_parallel
 from hmoe.routing import dispatch
 from hmoe.routing.routers import Router, RouterOutput
 from hmoe.routing.statistics import RoutingStats, layer_stats
@@ -80,7 +81,12 @@ class MoEFeedForward(nn.Module):
     weights = [w.astype(self.dtype) for w in (w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)]
     capacity = dispatch.layer_capacity(cfg, x_GxTxD.shape[1], cfg.num_experts, cfg.top_k, train)
     x_in_GxTxD = x_GxTxD.astype(self.dtype)
-    if cfg.dispatch == "einsum":
+    shards = expert_parallel.expert_axis_size() if cfg.expert_parallel else 1
+    if shards > 1:
+      y_GxTxD, kept = expert_parallel.moe_forward(x_in_GxTxD, route, weights,
+                                                  dispatch.parallel_capacity_factor(cfg, shards, train),
+                                                  cfg.dropless_block_size)
+    elif cfg.dispatch == "einsum":
       y_GxTxD, kept = self._einsum_path(x_in_GxTxD, route, weights, capacity)
     else:
       y_GxTxD, kept = self._sort_path(x_in_GxTxD, route, weights, capacity)

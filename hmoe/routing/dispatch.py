@@ -51,6 +51,13 @@ def split_groups(x_BxLxD: jax.Array, num_groups: int) -> jax.Array:
   return nn.with_logical_constraint(x_GxTxD, ("batch", None, "embed"))
 
 
+def parallel_capacity_factor(config: Any, num_shards: int, train: bool) -> float:
+  """Capacity factor of the expert-parallel send buffers; dropless reserves every row for any one shard."""
+  if config.dropless or (not train and config.eval_dropless):
+    return float(num_shards)
+  return config.capacity_factor if train else config.eval_capacity_factor
+
+
 def layer_capacity(config: Any, num_tokens: int, num_owners: int, picks_per_token: int, train: bool) -> int | None:
   """Slots per owner (expert or cluster) of a routed layer, or None when it runs dropless.
 

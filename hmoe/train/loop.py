@@ -27,7 +27,7 @@ from hmoe.data import batching
 from hmoe.data.corpus import load_corpus
 from hmoe.model.param_counts import parameter_counts
 from hmoe.model.transformer import TransformerLM
-from hmoe.parallel import sharding
+from hmoe.parallel import expert_parallel, sharding
 from hmoe.train import checkpoint, metrics, optimizer as optimizer_lib, run_dir, state as state_lib, step as step_lib
 from hmoe.train.evaluation import evaluate
 
@@ -113,6 +113,9 @@ def _train_and_evaluate(config: ExperimentConfig, workdir: pathlib.Path, checkpo
   optimizer = optimizer_lib.make_optimizer(train_cfg)
   mesh = sharding.make_mesh(train_cfg.mesh_shape)
   logging.info("devices: %s; mesh %s", jax.devices(), dict(mesh.shape))
+  routed = config.model.routed
+  if routed is not None and routed.expert_parallel:
+    expert_parallel.check_mesh(routed, dict(mesh.shape))  # Before anything compiles.
   abstract_boxed = jax.eval_shape(functools.partial(state_lib.init_boxed_train_state, model, optimizer, config))
   state_sharding = sharding.logical_shardings(abstract_boxed, mesh)
   batch_sharding = sharding.batch_sharding(mesh)
