@@ -16,7 +16,7 @@ from hmoe.model.hierarchical import HMoEFeedForward
 from hmoe.model.moe import MoEFeedForward
 from hmoe.model.transformer import TransformerLM
 from hmoe.parallel import expert_parallel, sharding
-from hmoe.routing.routers import Router
+from hmoe.routing.routers import HierarchicalRouter, Router
 from hmoe.testing import dummy_batch, init_params, tiny_config
 from hmoe.train import optimizer as optimizer_lib, state as state_lib, step as step_lib
 
@@ -96,6 +96,23 @@ def test_drops_are_exact_when_a_shards_capacity_binds(mesh_shape):
   np.testing.assert_allclose(y, y_ref, atol=1e-4, rtol=1e-4)
 
 
+def test_hmoe_drops_count_cluster_rows_past_each_shards_capacity():
+  mesh_shape = (2, 4, 1)
+  _, parallel, params = _layer("hmoe", 2, dropless=False, capacity_factor=0.5)
+  with jax.set_mesh(sharding.make_mesh(mesh_shape)):
+    _, (_, dropped) = jax.jit(functools.partial(_loss, parallel))(params, _X)
+  cfg = parallel.config
+  groups = _X.reshape(2, -1, _X.shape[-1])
+  route = HierarchicalRouter(cfg.num_clusters, cfg.experts_per_cluster, cfg.top_k_clusters, cfg.top_k_experts).apply(
+      {"params": params["router"]}, groups, train=True)
+  clusters = np.asarray(route.cluster_index)[..., 0]  # [G, T], Kc = 1.
+  shard = clusters // (cfg.num_clusters // 4)
+  capacity = expert_parallel.shard_capacity(8, 1, 4, 0.5)
+  expected = sum(max(0, int(np.sum(shard[g, d * 8:(d + 1) * 8] == s)) - capacity)
+                 for g in range(2) for d in range(4) for s in range(4))
+  assert int(dropped) == expected > 0
+
+
 @pytest.mark.parametrize("kind", ["moe", "hmoe"])
 def test_communication_accounting_equals_the_exchanged_buffers(kind):
   mesh_shape = (2, 4, 1)
@@ -167,6 +184,8 @@ def test_pod_config_lowers_with_expert_parallelism():
     lowered = jax.jit(functools.partial(step_lib.train_step, model=model, optimizer=optimizer, config=config),
                       in_shardings=(state_sharding, sharding.batch_sharding(mesh))).lower(unboxed, batch)
   assert "all_to_all" in lowered.as_text()
+  compiled = lowered.compile()  # Compiles for the fake mesh without allocating the model.
+  assert compiled.memory_analysis() is None or compiled.memory_analysis().argument_size_in_bytes > 0
 
 
 @pytest.mark.parametrize("config,mesh_shape,message", [
