@@ -161,18 +161,19 @@ def plan_dropless(expert_index_TxK: jax.Array, num_experts: int, block_size: int
                       block_expert=block_expert.astype(jnp.int32))
 
 
-def gather_rows(x_TxD: jax.Array, plan: DispatchPlan) -> jax.Array:
-  """[T, D] -> [num_rows, D]; empty rows are zeros."""
-  x_padded = jnp.concatenate([x_TxD, jnp.zeros((1, x_TxD.shape[-1]), x_TxD.dtype)], axis=0)
-  return x_padded[plan.row_token]
+# Both moves between tokens and buffer rows are gathers, and so are their transposes: a buffer row holds at most one
+# assignment, so the cotangent of `gather_rows` is `combine_rows` with unit weights, and that of `combine_rows` is a
+# weighted `gather_rows`. Autodiff would transpose each gather into a scatter-add instead, which XLA runs serially on
+# CPU (the backward of the sort path was 2-3x its forward); the custom VJPs below keep the backward gather-only.
 
 
-def combine_rows(y_RxD: jax.Array, plan: DispatchPlan, gates_TxK: jax.Array) -> jax.Array:
-  """[num_rows, D] expert outputs -> [T, D] gate-weighted sum over each token's kept assignments."""
-  num_tokens, top_k = gates_TxK.shape
-  y_padded = jnp.concatenate([y_RxD, jnp.zeros((1, y_RxD.shape[-1]), y_RxD.dtype)], axis=0)
-  y_KxTxD = y_padded[plan.row].reshape(top_k, num_tokens, -1)
-  weights_KxT = (gates_TxK.T * plan.kept.reshape(top_k, num_tokens)).astype(y_RxD.dtype)
+def _pad_row(x_NxD: jax.Array) -> jax.Array:
+  return jnp.concatenate([x_NxD, jnp.zeros((1, x_NxD.shape[-1]), x_NxD.dtype)], axis=0)
+
+
+def _combine(y_RxD: jax.Array, row_KT: jax.Array, weights_KxT: jax.Array) -> jax.Array:
+  top_k, num_tokens = weights_KxT.shape
+  y_KxTxD = _pad_row(y_RxD)[row_KT].reshape(top_k, num_tokens, -1)
   # Unrolled over the (small, static) K: each term fuses gather and scale into one loop. Measured at 10k tokens,
   # F=512, K=2 (forward / forward+backward): 37 / 156 ms; einsum("ktd,kt->td") 47 / 169 ms (a transpose copy plus a
   # batched matrix-vector product); broadcast multiply + sum over K 66 / 347 ms.
@@ -180,6 +181,62 @@ def combine_rows(y_RxD: jax.Array, plan: DispatchPlan, gates_TxK: jax.Array) -> 
   for k in range(1, top_k):
     combined_TxD = combined_TxD + y_KxTxD[k] * weights_KxT[k, :, None]
   return combined_TxD
+
+
+@jax.custom_vjp
+def _gather(x_TxD: jax.Array, row_token_R: jax.Array, row_KT: jax.Array, kept_KT: jax.Array) -> jax.Array:
+  del row_KT, kept_KT
+  return _pad_row(x_TxD)[row_token_R]
+
+
+def _gather_fwd(x_TxD, row_token_R, row_KT, kept_KT):
+  return _gather(x_TxD, row_token_R, row_KT, kept_KT), (row_KT, kept_KT, x_TxD.shape[0])
+
+
+def _gather_bwd(residuals, d_rows_RxD):
+  row_KT, kept_KT, num_tokens = residuals
+  weights_KxT = kept_KT.reshape(-1, num_tokens).astype(d_rows_RxD.dtype)
+  return _combine(d_rows_RxD, row_KT, weights_KxT), None, None, None
+
+
+_gather.defvjp(_gather_fwd, _gather_bwd)
+
+
+@jax.custom_vjp
+def _combine_rows(y_RxD: jax.Array, row_KT: jax.Array, row_token_R: jax.Array, weights_KxT: jax.Array) -> jax.Array:
+  del row_token_R
+  return _combine(y_RxD, row_KT, weights_KxT)
+
+
+def _combine_fwd(y_RxD, row_KT, row_token_R, weights_KxT):
+  return _combine(y_RxD, row_KT, weights_KxT), (y_RxD, row_KT, row_token_R, weights_KxT)
+
+
+def _combine_bwd(residuals, d_out_TxD):
+  y_RxD, row_KT, row_token_R, weights_KxT = residuals
+  num_rows = y_RxD.shape[0]
+  # The weight of the assignment in each row (0 for empty rows): a scatter of K * T scalars, not of rows.
+  weight_R = jnp.zeros((num_rows + 1,), weights_KxT.dtype).at[row_KT].set(weights_KxT.reshape(-1))[:num_rows]
+  d_y_RxD = _pad_row(d_out_TxD)[row_token_R] * weight_R[:, None].astype(d_out_TxD.dtype)
+  top_k, num_tokens = weights_KxT.shape
+  y_KxTxD = _pad_row(y_RxD)[row_KT].reshape(top_k, num_tokens, -1)
+  d_weights_KxT = jnp.einsum("ktd,td->kt", y_KxTxD, d_out_TxD).astype(weights_KxT.dtype)
+  return d_y_RxD, None, None, d_weights_KxT
+
+
+_combine_rows.defvjp(_combine_fwd, _combine_bwd)
+
+
+def gather_rows(x_TxD: jax.Array, plan: DispatchPlan) -> jax.Array:
+  """[T, D] -> [num_rows, D]; empty rows are zeros."""
+  return _gather(x_TxD, plan.row_token, plan.row, plan.kept)
+
+
+def combine_rows(y_RxD: jax.Array, plan: DispatchPlan, gates_TxK: jax.Array) -> jax.Array:
+  """[num_rows, D] expert outputs -> [T, D] gate-weighted sum over each token's kept assignments."""
+  num_tokens, top_k = gates_TxK.shape
+  weights_KxT = (gates_TxK.T * plan.kept.reshape(top_k, num_tokens)).astype(y_RxD.dtype)
+  return _combine_rows(y_RxD, plan.row, plan.row_token, weights_KxT)
 
 
 def einsum_masks(expert_index_TxK: jax.Array, gates_TxK: jax.Array, num_experts: int,
