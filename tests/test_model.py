@@ -24,7 +24,7 @@ def _init(config):
   """Model and variables of a (frozen, hashable) config, initialised once for all its tests."""
   model = TransformerLM(config.model)
   tokens = jnp.zeros((2, config.data.seq_len), jnp.int32)
-  return model, model.init(jax.random.PRNGKey(0), tokens)
+  return model, jax.jit(model.init)(jax.random.PRNGKey(0), tokens)  # Compiled: op-by-op init is slow.
 
 
 @pytest.mark.parametrize("ffn_pattern", ["dense", "moe", "dense,moe"])
@@ -44,7 +44,7 @@ def test_causality_through_gradients(ffn_pattern):
     logits, _ = model.apply({"params": params}, jnp.arange(16)[None])
     return jnp.sum(logits[0, position])
 
-  per_position = jnp.sum(jnp.abs(jax.grad(output_at)(embedded_LxD)), axis=-1)
+  per_position = jnp.sum(jnp.abs(jax.jit(jax.grad(output_at))(embedded_LxD)), axis=-1)
   assert bool(jnp.all(per_position[position + 1:] == 0)), per_position
   assert bool(jnp.all(per_position[: position + 1] > 0)), per_position
 
