@@ -5,13 +5,17 @@
   python -m experiments.bench_layer --paths=sort,hmoe4,hmoe8 --experts=32   # standard vs hierarchical MoE
 
 Each variant is jitted, warmed up, then timed as the median of --repeats calls with `block_until_ready`. Ratios are
-relative to the dense SwiGLU FFN whose hidden width is top_k * expert_ff (the same active FLOPs per token).
+relative to the dense SwiGLU FFN whose hidden width is top_k * expert_ff (the same active FLOPs per token). Every row
+also gives its achieved rate of *useful* FLOPs (`benchmark.ffn_flops` / `hmoe_flops`; x3 for forward + backward, the
+usual count) and that rate as a fraction of one `[T, D] x [D, K F]` float32 matmul timed in the same process: the
+distance to this machine's limit. `einsum_gN` is the GShard one-hot einsum with routing groups of N tokens (as GShard
+runs it: the one-hot dispatch costs O(T E C D) with C proportional to the group size), `einsum` one group of all T.
 """
 
 import jax
 from absl import app, flags
 
-from experiments.benchmark import format_table, layer_seconds
+from experiments.benchmark import ffn_flops, format_table, hmoe_flops, layer_seconds, matmul_gflops
 from hmoe.config import HMoEConfig, MoEConfig
 from hmoe.model.hierarchical import HMoEFeedForward
 from hmoe.model.layers import DenseFeedForward
@@ -23,8 +27,9 @@ _D_MODEL = flags.DEFINE_integer("d_model", 256, "Model width D.")
 _EXPERT_FF = flags.DEFINE_integer("expert_ff", 1024, "Expert hidden width F.")
 _TOP_K = flags.DEFINE_integer("top_k", 2, "Experts per token.")
 _PATHS = flags.DEFINE_list("paths", ["sort", "dropless", "einsum"],
-                           "Variants: sort, dropless, einsum (standard MoE); hmoeM (hierarchical, M experts per "
-                           "cluster, top-1 cluster, top-K experts inside, rank --rank).")
+                           "Variants: sort, dropless, einsum, einsum_gN (standard MoE; N tokens per routing group); "
+                           "hmoeM (hierarchical, M experts per cluster, top-1 cluster, top-K experts inside, rank "
+                           "--rank).")
 _RANK = flags.DEFINE_integer("rank", 16, "Residual rank R of the hmoe variants.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per variant (median reported).")
 _BACKWARD = flags.DEFINE_bool("backward", False, "Time forward + backward instead of forward only.")
@@ -34,7 +39,11 @@ def _timed(module, x, **kwargs) -> float:
   return layer_seconds(module, x, backward=_BACKWARD.value, repeats=_REPEATS.value, **kwargs)
 
 
-def _layer(path: str, num_experts: int):
+def _layer(path: str, num_experts: int, num_tokens: int):
+  if path.startswith("einsum_g"):
+    group = int(path[len("einsum_g"):])
+    return MoEFeedForward(MoEConfig(num_experts=num_experts, top_k=_TOP_K.value, expert_ff=_EXPERT_FF.value,
+                                    dispatch="einsum", num_groups=max(1, num_tokens // group)))
   if path.startswith("hmoe"):
     members = int(path[len("hmoe"):])
     return HMoEFeedForward(HMoEConfig(num_experts=num_experts, num_clusters=num_experts // members,
@@ -47,23 +56,37 @@ def _layer(path: str, num_experts: int):
 def main(argv):
   del argv
   rows = []
+  width, hidden, top_k = _D_MODEL.value, _EXPERT_FF.value, _TOP_K.value
+  passes = 3 if _BACKWARD.value else 1
+  columns = ["tokens", "experts", "variant", "ms", "tokens/s", "time vs dense", "GFLOP/s", "of matmul"]
   for num_tokens in map(int, _TOKENS.value):
-    x = jax.random.normal(jax.random.PRNGKey(1), (1, num_tokens, _D_MODEL.value))
-    dense_s = _timed(DenseFeedForward(_TOP_K.value * _EXPERT_FF.value), x)
-    rows.append({"tokens": num_tokens, "experts": "-", "variant": "dense FFN", "ms": dense_s * 1e3,
-                 "tokens/s": num_tokens / dense_s, "time vs dense": 1.0})
+    x = jax.random.normal(jax.random.PRNGKey(1), (1, num_tokens, width))
+    peak = matmul_gflops(num_tokens, width, top_k * hidden, repeats=_REPEATS.value)
+    rows.append({"tokens": num_tokens, "experts": "-", "variant": f"matmul [T,{width}]x[{width},{top_k * hidden}]",
+                 "GFLOP/s": peak, "of matmul": 1.0})
+
+    def row(label, experts, seconds, flops, dense_seconds):
+      rate = passes * flops / seconds / 1e9
+      return {"tokens": num_tokens, "experts": experts, "variant": label, "ms": seconds * 1e3,
+              "tokens/s": num_tokens / seconds, "time vs dense": seconds / dense_seconds, "GFLOP/s": rate,
+              "of matmul": rate / peak}
+
+    dense_s = _timed(DenseFeedForward(top_k * hidden), x)
+    rows.append(row("dense FFN", "-", dense_s, ffn_flops(num_tokens, width, top_k * hidden), dense_s))
     for num_experts in map(int, _EXPERTS.value):
       for path in _PATHS.value:
-        seconds = _timed(_layer(path, num_experts), x, train=True)
-        label = f"HMoE M={path[len('hmoe'):]} R={_RANK.value}" if path.startswith("hmoe") else f"MoE {path}"
-        rows.append({"tokens": num_tokens, "experts": num_experts, "variant": label, "ms": seconds * 1e3,
-                     "tokens/s": num_tokens / seconds, "time vs dense": seconds / dense_s})
-      print(format_table(rows[-len(_PATHS.value):], ["tokens", "experts", "variant", "ms", "time vs dense"]),
-            flush=True)
+        seconds = _timed(_layer(path, num_experts, num_tokens), x, train=True)
+        if path.startswith("hmoe"):
+          label = f"HMoE M={path[len('hmoe'):]} R={_RANK.value}"
+          flops = hmoe_flops(num_tokens, width, hidden, _RANK.value, 1, top_k)
+        else:
+          label, flops = f"MoE {path}", ffn_flops(num_tokens, width, hidden, top_k)
+        rows.append(row(label, num_experts, seconds, flops, dense_s))
+      print(format_table(rows[-len(_PATHS.value):], columns), flush=True)
   mode = "forward+backward" if _BACKWARD.value else "forward"
   print(f"\n{mode}, D={_D_MODEL.value}, F={_EXPERT_FF.value}, top-{_TOP_K.value}, capacity factor 1.25, "
         f"{jax.devices()[0].platform}, median of {_REPEATS.value}\n")
-  print(format_table(rows, ["tokens", "experts", "variant", "ms", "tokens/s", "time vs dense"]))
+  print(format_table(rows, columns))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,31 @@ def median_seconds(fn: Callable[..., Any], *args: Any, repeats: int = 5, warmup:
   return statistics.median(times)
 
 
+def ffn_flops(num_tokens: int, width: int, hidden: int, rows_per_token: float = 1.0) -> float:
+  """Forward FLOPs of SwiGLU FFN matmuls over `rows_per_token * T` rows: 2 * rows * 3 * D * F (gate, up, down).
+
+  The useful FLOPs of a dense FFN of width F are `ffn_flops(T, D, F)`; of a top-k MoE `ffn_flops(T, D, F_e, k)`
+  (what capacity padding adds is not useful work); a capacity-C MoE executes `ffn_flops(E * C, D, F_e)`.
+  """
+  return 2.0 * rows_per_token * num_tokens * 3 * width * hidden
+
+
+def hmoe_flops(num_tokens: int, width: int, hidden: int, rank: int, clusters_per_token: int,
+               experts_per_cluster_pick: int) -> float:
+  """Forward FLOPs of the HMoE layer's useful matmuls: one base product per (token, cluster) slot, plus the rank-R
+  factors of each chosen expert (`(x U) V` costs 2 R (I + O) per matrix)."""
+  slots = num_tokens * clusters_per_token
+  return ffn_flops(slots, width, hidden) + 2.0 * slots * experts_per_cluster_pick * 3 * rank * (width + hidden)
+
+
+def matmul_gflops(rows: int, inner: int, cols: int, repeats: int = 5) -> float:
+  """Achieved GFLOP/s of one float32 `[rows, inner] x [inner, cols]` matmul on this machine (the in-process peak)."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (rows, inner))
+  b = jax.random.normal(jax.random.PRNGKey(1), (inner, cols))
+  seconds = median_seconds(jax.jit(jnp.dot), a, b, repeats=repeats)
+  return 2.0 * rows * inner * cols / seconds / 1e9
+
+
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
   """Markdown table of `rows` restricted to `columns` (floats with 3 significant decimals)."""
   def cell(value: Any) -> str:

@@ -1,0 +1,46 @@
+"""The benchmarks' FLOP formulas against XLA's own count (`cost_analysis()`), on the CPU backend."""
+
+import jax
+import pytest
+
+from experiments.benchmark import ffn_flops, hmoe_flops
+from hmoe.config import MoEConfig
+from hmoe.model.layers import DenseFeedForward
+from hmoe.model.moe import MoEFeedForward
+from hmoe.routing import dispatch
+from hmoe.testing import init_params
+
+
+def _xla_flops(module, x, **kwargs) -> float:
+  params = init_params(module, x, **kwargs)
+  compiled = jax.jit(lambda p, x: module.apply({"params": p}, x, **kwargs)).lower(params, x).compile()
+  analysis = compiled.cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+  if not analysis or "flops" not in analysis:
+    pytest.fail(f"cost_analysis() reports no flops on {jax.devices()[0].platform}: {analysis}")
+  return float(analysis["flops"])
+
+
+def test_dense_ffn_flops_match_xla_up_to_the_elementwise_ops():
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 256, 64))
+  counted = _xla_flops(DenseFeedForward(128), x)
+  matmuls = ffn_flops(256, 64, 128)
+  # XLA also counts silu and the gating product: a few FLOPs per hidden unit, far below 2 D per unit.
+  assert matmuls <= counted <= matmuls * 1.05
+
+
+def test_capacity_moe_executes_the_padded_rows_and_useful_flops_are_t_k():
+  num_tokens, width, hidden, experts, top_k = 256, 64, 32, 8, 2
+  config = MoEConfig(num_experts=experts, top_k=top_k, expert_ff=hidden, capacity_factor=1.25)
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, num_tokens, width))
+  counted = _xla_flops(MoEFeedForward(config), x, train=True)
+  capacity = dispatch.expert_capacity(num_tokens, experts, top_k, 1.25)
+  executed = ffn_flops(experts * capacity, width, hidden)
+  # The router (2 T D E) and the gathers/combines add a little on top of the expert matmuls.
+  assert executed <= counted <= executed * 1.1
+  assert ffn_flops(num_tokens, width, hidden, top_k) == pytest.approx(executed / 1.25)
+
+
+def test_hmoe_flops_count_one_base_product_per_slot_plus_the_factors():
+  # 10 tokens, one cluster each, two experts in it, rank 4, D=8, F=16.
+  assert hmoe_flops(10, 8, 16, 4, 1, 2) == 2 * 10 * 3 * 8 * 16 + 2 * 10 * 2 * 3 * 4 * (8 + 16)
