@@ -53,6 +53,13 @@ def test_invalid_values_are_named(overrides, message):
 
 def test_shipped_configs_are_valid():
   assert from_config_dict(tiny.get_config()).model.num_routed_layers == 1
+  assert [from_config_dict(tiny.get_config(v)).model.routed_kind for v in tiny.VARIANTS] == ["moe", None, "hmoe"]
+  with pytest.raises(ValueError, match=r"tiny config variant must be one of \('moe', 'dense', 'hmoe'\)"):
+    tiny.get_config("sparse")
+  # The narrow HMoE keeps the MoE's active width and 32 routed experts, with 75% fewer routed-expert parameters.
+  narrow_hmoe = from_config_dict(narrow.get_config("hmoe")).model
+  assert narrow_hmoe.shared_expert_ff + narrow_hmoe.hmoe.top_k_experts * narrow_hmoe.hmoe.expert_ff == narrow_hmoe.d_ff
+  assert narrow_hmoe.hmoe.num_experts == 32 and narrow_hmoe.hmoe.similarity_signal == "router"
   assert from_config_dict(small.get_config("moe")).model.ffn_kinds == ("moe",) * 4
   assert from_config_dict(small.get_config("dense")).model.num_routed_layers == 0
   # Every MoE variant has the same active FFN width as its dense baseline.
