@@ -181,3 +181,10 @@ def test_unwritable_workdir_fails_at_start(wikitext_dir, tmp_path, monkeypatch):
   monkeypatch.setattr(tempfile, "mkstemp", read_only)
   with pytest.raises(run_dir.RunDirectoryError, match=r"run2/checkpoints is not writable \(Permission denied\)"):
     train_and_evaluate(_config(wikitext_dir), tmp_path / "run2")
+
+
+def test_missing_data_is_named_and_nothing_is_written(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"WikiText file not found: .*missing/wikitext-2/wiki.train.tokens\. "
+                                              r"Fetch it with `python -m hmoe.data --download"):
+    train_and_evaluate(_config(tmp_path / "missing"), tmp_path / "run")
+  assert not (tmp_path / "run").exists()

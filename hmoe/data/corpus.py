@@ -17,14 +17,19 @@ class Corpus:
   eval_splits: dict[str, wikitext.SplitTokens]
 
 
+def split_paths(config: DataConfig) -> dict[str, pathlib.Path]:
+  """The files of every split a run reads, checked to exist (the loop calls this before it writes anything)."""
+  data_dir = wikitext.resolve_data_dir(config.data_dir)
+  return {split: wikitext.wikitext_split_path(data_dir, config.dataset, split)
+          for split in ("train", *config.eval_splits)}
+
+
 def load_corpus(config: DataConfig, vocab_size: int, workdir: pathlib.Path) -> Corpus:
   """Trains (or loads the cached) tokenizer on the train split and encodes every split the run needs.
 
   The tokenizer (`workdir/tokenizer.json`) and the encoded splits (`workdir/token_cache`) are cached in the workdir.
   """
-  data_dir = wikitext.resolve_data_dir(config.data_dir)
-  paths = {split: wikitext.wikitext_split_path(data_dir, config.dataset, split)
-           for split in ("train", *config.eval_splits)}
+  paths = split_paths(config)
   tokenizer = load_or_train_tokenizer(paths["train"], vocab_size, workdir / "tokenizer.json")
   if tokenizer.vocab_size > vocab_size:
     raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size={vocab_size}")

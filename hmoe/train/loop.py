@@ -24,7 +24,7 @@ from absl import logging
 
 from hmoe.config import ExperimentConfig
 from hmoe.data import batching
-from hmoe.data.corpus import load_corpus
+from hmoe.data.corpus import load_corpus, split_paths
 from hmoe.model.param_counts import parameter_counts
 from hmoe.model.transformer import TransformerLM
 from hmoe.parallel import expert_parallel, sharding
@@ -85,6 +85,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | pathlib.Path, *,
   `experiments/convert_moe.py`). It must keep shapes; a run that resumes from a checkpoint does not call it.
   """
   workdir = pathlib.Path(workdir)
+  split_paths(config.data)  # Missing data fails here, before the workdir gets a lock, a config or a checkpoint dir.
   run_dir.check_writable(workdir)
   with run_dir.RunLock(workdir):
     run_dir.check_writable(workdir / "checkpoints")
