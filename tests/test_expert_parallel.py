@@ -194,6 +194,8 @@ def test_pod_config_lowers_with_expert_parallelism():
     (HMoEConfig(num_experts=12, num_clusters=6, expert_ff=32), {"data": 1, "expert": 4, "model": 1},
      "hmoe.num_clusters=6 must be divisible"),
     (MoEConfig(num_experts=8), {"data": 1, "expert": 4, "model": 2}, "model axis of size 1"),
+    (MoEConfig(num_experts=8, num_groups=1), {"data": 2, "expert": 4, "model": 1},
+     "moe.num_groups=1 must be a multiple of the data-axis size 2"),
 ])
 def test_bad_meshes_are_named_before_compiling(config, mesh_shape, message):
   with pytest.raises(ValueError, match=message):

@@ -42,13 +42,17 @@ def expert_axis_size() -> int:
 def check_mesh(config, mesh_shape: dict[str, int]) -> None:
   """Names what makes a routed config unusable with expert parallelism on this mesh (before anything compiles)."""
   shards = mesh_shape.get(EXPERT_AXIS, 1)
-  owners, what = ((config.num_clusters, "hmoe.num_clusters") if hasattr(config, "num_clusters")
-                  else (config.num_experts, "moe.num_experts"))
+  owner = "num_clusters" if config.clusters_experts else "num_experts"  # What one shard holds whole.
+  owners = getattr(config, owner)
   if owners % shards:
-    raise ValueError(f"expert parallelism places whole {'clusters' if 'clusters' in what else 'experts'} on shards: "
-                     f"{what}={owners} must be divisible by the expert-axis size {shards}")
+    raise ValueError(f"expert parallelism places whole {owner[4:]} on shards: {config.section}.{owner}={owners} must "
+                     f"be divisible by the expert-axis size {shards}")
   if mesh_shape.get("model", 1) != 1:
     raise ValueError(f"expert parallelism needs a model axis of size 1, got {mesh_shape['model']}")
+  data = mesh_shape.get("data", 1)
+  if config.num_groups % data:
+    raise ValueError(f"expert parallelism gives every data shard its own routing groups: {config.section}.num_groups="
+                     f"{config.num_groups} must be a multiple of the data-axis size {data}")
 
 
 def _tokens_per_device(x_GxTxD: jax.Array) -> int:
