@@ -3,13 +3,26 @@
   python -m experiments.bench_train_step --config=experiments/configs/small.py --variants=dense,moe
 
 Each variant's jitted train step runs on synthetic tokens of the config's batch shape; warm-up excluded, median of
---repeats steps with `block_until_ready`. Reported as tokens/s and time relative to the first variant.
+--repeats steps with `block_until_ready`. Reported as tokens/s, time relative to the first variant, and model FLOPs
+utilisation: `benchmark.train_flops_per_token` (6 x active parameters + attention) x tokens/s against one float32
+`[tokens, D] x [D, d_ff]` matmul timed in the same process (this machine's practical peak for such shapes).
 """
 
+import functools
+
 import jax
+import jax.numpy as jnp
 from absl import app, flags
 
-from experiments.benchmark import format_table, load_variant_config, train_step_seconds
+from experiments.benchmark import (
+  format_table,
+  load_variant_config,
+  matmul_gflops,
+  train_flops_per_token,
+  train_step_seconds,
+)
+from hmoe.model.param_counts import parameter_counts
+from hmoe.model.transformer import TransformerLM
 
 _CONFIG = flags.DEFINE_string("config", "experiments/configs/small.py", "Config file with get_config(variant).")
 _VARIANTS = flags.DEFINE_list("variants", ["dense", "moe"], "Variants passed to get_config.")
@@ -19,15 +32,24 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed steps per variant (median r
 def main(argv):
   del argv
   rows = []
+  peak = None
   for variant in _VARIANTS.value:
     config = load_variant_config(_CONFIG.value, variant)
     seconds = train_step_seconds(config, repeats=_REPEATS.value)
     shape = (config.data.batch_size, config.data.seq_len)
     tokens = shape[0] * shape[1]
-    rows.append({"variant": variant, "ms/step": seconds * 1e3, "tokens/s": tokens / seconds})
+    if peak is None:
+      peak = matmul_gflops(tokens, config.model.d_model, config.model.d_ff, repeats=_REPEATS.value)
+    abstract = jax.eval_shape(functools.partial(TransformerLM(config.model).init, jax.random.PRNGKey(0)),
+                              jnp.zeros(shape, jnp.int32))["params"]
+    active = parameter_counts(abstract, config.model)["params_active"]
+    model_gflops = train_flops_per_token(active, config.model) * tokens / seconds / 1e9
+    rows.append({"variant": variant, "ms/step": seconds * 1e3, "tokens/s": tokens / seconds,
+                 "model GFLOP/s": model_gflops, "MFU vs matmul": model_gflops / peak})
   for row in rows:
     row["time vs " + rows[0]["variant"]] = row["ms/step"] / rows[0]["ms/step"]
-  print(f"\ntrain step, {_CONFIG.value}, {jax.devices()[0].platform}, median of {_REPEATS.value}\n")
+  print(f"\ntrain step, {_CONFIG.value}, {jax.devices()[0].platform}, median of {_REPEATS.value}; in-process "
+        f"matmul peak {peak:.0f} GFLOP/s\n")
   print(format_table(rows, list(rows[0])))
 
 

@@ -53,6 +53,13 @@ def hmoe_flops(num_tokens: int, width: int, hidden: int, rank: int, clusters_per
   return ffn_flops(slots, width, hidden) + 2.0 * slots * experts_per_cluster_pick * 3 * rank * (width + hidden)
 
 
+def train_flops_per_token(params_active: int, config: Any) -> float:
+  """Model FLOPs of one training token: 6 per active parameter (forward + backward of its matmul; the tied embedding
+  counts once, as the output projection) plus causal attention's 6 L D S (scores and values, forward + backward,
+  half the S x S square: the PaLM appendix-B count with its 12 L D S halved for causality)."""
+  return 6.0 * params_active + 6.0 * config.num_layers * config.d_model * config.max_len
+
+
 def matmul_gflops(rows: int, inner: int, cols: int, repeats: int = 5) -> float:
   """Achieved GFLOP/s of one float32 `[rows, inner] x [inner, cols]` matmul on this machine (the in-process peak)."""
   a = jax.random.normal(jax.random.PRNGKey(0), (rows, inner))

@@ -3,12 +3,12 @@
 import jax
 import pytest
 
-from experiments.benchmark import ffn_flops, hmoe_flops
+from experiments.benchmark import ffn_flops, hmoe_flops, train_flops_per_token
 from hmoe.config import MoEConfig
 from hmoe.model.layers import DenseFeedForward
 from hmoe.model.moe import MoEFeedForward
 from hmoe.routing import dispatch
-from hmoe.testing import init_params
+from hmoe.testing import init_params, tiny_config
 
 
 def _xla_flops(module, x, **kwargs) -> float:
@@ -44,3 +44,8 @@ def test_capacity_moe_executes_the_padded_rows_and_useful_flops_are_t_k():
 def test_hmoe_flops_count_one_base_product_per_slot_plus_the_factors():
   # 10 tokens, one cluster each, two experts in it, rank 4, D=8, F=16.
   assert hmoe_flops(10, 8, 16, 4, 1, 2) == 2 * 10 * 3 * 8 * 16 + 2 * 10 * 2 * 3 * 4 * (8 + 16)
+
+
+def test_train_flops_per_token_is_six_per_active_parameter_plus_causal_attention():
+  config = tiny_config().model  # 2 layers, D=32, max_len=16.
+  assert train_flops_per_token(1000, config) == 6 * 1000 + 6 * 2 * 32 * 16
