@@ -24,7 +24,6 @@ from experiments.configs import pod
 from hmoe.config import from_config_dict
 from hmoe.inference import storage
 from hmoe.inference.generate import decoding_config
-from hmoe.inference.quantize import QuantizedTensor
 from hmoe.inference.residency import TraceEvent, replay
 from hmoe.model.transformer import TransformerLM
 
@@ -41,12 +40,6 @@ REPORT_FRACTIONS = (1.0, 0.5, 0.25, 0.125)
 VARIANTS = (("lru", False), ("lfu", False), ("lru", True), ("lfu", True))
 
 
-def _nbytes(node) -> int:
-  if isinstance(node, QuantizedTensor):
-    return node.nbytes
-  return int(np.prod(node.shape)) * np.dtype(node.dtype).itemsize
-
-
 def pod_unit_bytes() -> dict[str, dict[str, float]]:
   """Stored bytes of one unit of each offloading mode, and routed layer count, for the pod config's MoE and HMoE."""
   out = {}
@@ -58,7 +51,7 @@ def pod_unit_bytes() -> dict[str, dict[str, float]]:
                             is_leaf=lambda leaf: hasattr(leaf, "value"))
     stored = jax.eval_shape(lambda params, model=model: storage.compress(params, model), abstract)
     layer = stored[f"block_{model.routed_layers[0]}"][variant]
-    sizes = {name: _nbytes(node) for name, node in layer.items() if name != "router"}
+    sizes = {name: storage.stored_nbytes(node) for name, node in layer.items() if name != "router"}
     routed = model.routed
     if variant == "moe":
       modes = {"expert": sum(sizes.values()) / routed.num_experts}

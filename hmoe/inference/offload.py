@@ -41,7 +41,7 @@ from jax.sharding import SingleDeviceSharding
 from hmoe.config import ModelConfig
 from hmoe.inference import storage
 from hmoe.inference.generate import Generator, decoding_config
-from hmoe.inference.quantize import QuantizedTensor, fake_quantize, group_for
+from hmoe.inference.quantize import fake_quantize, group_for
 from hmoe.inference.residency import POLICIES, SCOPES, Residency, TraceEvent, Wave
 from hmoe.model.hierarchical import hmoe_group_forward
 from hmoe.model.layers import SWIGLU_MATRICES, CausalSelfAttention, DenseFeedForward, RMSNorm
@@ -82,12 +82,6 @@ class OffloadConfig:
       raise ValueError(f"scope={self.scope!r} must be one of {SCOPES}")
     if self.mode is not None and self.mode not in MODES[routed_kind]:
       raise ValueError(f"mode={self.mode!r} does not apply to a {routed_kind} model; choose from {MODES[routed_kind]}")
-
-
-def _nbytes(tree: Any) -> int:
-  leaves = jax.tree.leaves(tree, is_leaf=lambda node: isinstance(node, QuantizedTensor))
-  return sum(leaf.nbytes if isinstance(leaf, QuantizedTensor) else int(leaf.size) * leaf.dtype.itemsize
-             for leaf in leaves)
 
 
 def _take(tree: Any, *index: int) -> Any:
@@ -258,8 +252,8 @@ class OffloadedModel:
     self.trunk = jax.device_put(trunk, on_device)
     self.resident_bases = jax.device_put(resident_bases, on_device)
     self.units_per_layer = len(self._host_units[0])
-    self.unit_bytes = _nbytes(self._host_units[0][0])
-    self.resident_base_bytes = _nbytes(resident_bases)
+    self.unit_bytes = storage.stored_nbytes(self._host_units[0][0])
+    self.resident_base_bytes = storage.stored_nbytes(resident_bases)
     self.expert_bytes = self.resident_base_bytes + self.unit_bytes * self.units_per_layer * len(self.routed_layers)
 
     budget = (offload.budget_bytes if offload.budget_bytes is not None
@@ -299,7 +293,7 @@ class OffloadedModel:
   @property
   def resident_expert_bytes(self) -> int:
     """Device bytes of expert parameters: the cache arrays plus resident bases (what the budget bounds)."""
-    return _nbytes(self.slots) + _nbytes(self.resident_bases)
+    return storage.stored_nbytes(self.slots) + storage.stored_nbytes(self.resident_bases)
 
   def _copy(self, load) -> None:
     start = time.perf_counter()

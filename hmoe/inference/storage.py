@@ -112,13 +112,19 @@ def materialize(tree: Any, dtype: jnp.dtype = jnp.float32) -> Any:
                       is_leaf=_is_quantized)
 
 
+def stored_nbytes(tree: Any) -> int:
+  """Bytes of a stored (or float) tree: packed INT4 tensors count their packed values and scales. Abstract trees
+  (`jax.eval_shape`) work too."""
+  return sum(node.nbytes if _is_quantized(node) else int(np.prod(node.shape)) * jnp.dtype(node.dtype).itemsize
+             for node in jax.tree.leaves(tree, is_leaf=_is_quantized))
+
+
 def bytes_by_component(tree: Any, model_config: ModelConfig) -> dict[str, int]:
   """Stored bytes of each component (residual, base, expert, router, norm, trunk) and in total."""
   totals: dict[str, int] = {}
   for path, node in jax.tree_util.tree_leaves_with_path(tree, is_leaf=_is_quantized):
     component = _component([getattr(key, "key", "") for key in path], model_config)
-    size = node.nbytes if _is_quantized(node) else int(np.prod(node.shape)) * jnp.dtype(node.dtype).itemsize
-    totals[component] = totals.get(component, 0) + size
+    totals[component] = totals.get(component, 0) + stored_nbytes(node)
   totals["total"] = sum(totals.values())
   return totals
 
