@@ -19,6 +19,9 @@ setuptools.setup(
         "tokenizers>=0.20.0",
         "numpy>=1.26",
         "tqdm>=4.66",
+        # GLUE's official metrics (hmoe.glue.metrics): Matthews, F1, accuracy, Pearson, Spearman.
+        "scikit-learn>=1.3",
+        "scipy>=1.11",
     ],
     extras_require={
         # pytest-xdist: the suite runs on both cores, one test file per worker (pytest.ini), so a file's shared

@@ -46,11 +46,14 @@ class TransformerLM(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxL: jax.Array, *, train: bool = False, selection_bias: jax.Array | None = None,
-               positions: jax.Array | None = None) -> tuple[jax.Array, RoutingStats | None]:
+               positions: jax.Array | None = None, features_only: bool = False
+               ) -> tuple[jax.Array, RoutingStats | None]:
     """`selection_bias`: float32 [num_routed_layers, E] auxiliary-loss-free balancing biases (selection only).
 
     `positions`: int [B, L] position of every token, for decoding with the key/value cache in the mutable "cache"
     collection (apply with `mutable=["cache"]`); None for training and scoring (positions 0..L-1, no cache).
+    `features_only`: return the final-normed hidden states [B, L, D] instead of logits (`hmoe.glue.model`); an untied
+    model then never creates its `unembed`.
     """
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
@@ -71,6 +74,9 @@ class TransformerLM(nn.Module):
       if stats is not None:
         layer_stats.append(stats)
     x_BxLxD = RMSNorm(dtype=dtype, name="final_norm")(x_BxLxD)
+    stats = jax.tree.map(lambda *leaves: jnp.stack(leaves), *layer_stats) if layer_stats else None
+    if features_only:
+      return x_BxLxD, stats
     if cfg.tie_embeddings:
       # Tied output: |x| = sqrt(D) after the final norm and entries of E have std 1/sqrt(D), so logits start O(1).
       logits_BxLxV = jnp.einsum("bld,vd->blv", x_BxLxD, embedding_VxD.astype(dtype))
@@ -79,7 +85,6 @@ class TransformerLM(nn.Module):
           "unembed", nn.with_logical_partitioning(nn.initializers.normal(stddev=cfg.d_model**-0.5), ("embed", "vocab")),
           (cfg.d_model, cfg.vocab_size), jnp.float32)
       logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, unembed_DxV.astype(dtype))
-    stats = jax.tree.map(lambda *leaves: jnp.stack(leaves), *layer_stats) if layer_stats else None
     return logits_BxLxV.astype(jnp.float32), stats
 
 

@@ -51,6 +51,17 @@ def train_step(state: TrainState, batch: Batch, *, model: TransformerLM, optimiz
     return ce + stats.auxiliary_loss(routed.loss_weights), ({"ce_loss": ce, **stats.metrics()}, stats)
 
   (loss, (metrics, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  new_state, update_metrics = apply_gradients(state, loss, grads, stats, optimizer=optimizer, config=config)
+  return new_state, {**metrics, **update_metrics}
+
+
+def apply_gradients(state: TrainState, loss: jax.Array, grads: Any, stats: Any, *,
+                    optimizer: optax.GradientTransformation, config: ExperimentConfig) -> tuple[TrainState, Metrics]:
+  """The update of one step, shared by every training objective (language modelling, `hmoe.glue.finetune`).
+
+  Applies `grads`, folds the routing statistics `stats` into the routing state, and, unless the loss, gradient or
+  update is non-finite (the NaN guard of the module docstring), advances the step.
+  """
   grad_norm = optax.tree.norm(grads)
   updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
@@ -67,7 +78,7 @@ def train_step(state: TrainState, batch: Batch, *, model: TransformerLM, optimiz
       nan_step=jnp.where((state.nan_step < 0) & ~healthy, state.step, state.nan_step),
       routing_state=keep_new(new_routing_state, state.routing_state),
   )
-  metrics.update(loss=loss, grad_norm=grad_norm, learning_rate=learning_rate_schedule(config.train)(state.step))
+  metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": learning_rate_schedule(config.train)(state.step)}
   return new_state, metrics
 
 
