@@ -32,6 +32,7 @@ _TASKS = flags.DEFINE_list("tasks", ["cola", "sst2", "mrpc", "stsb", "rte", "wnl
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Fine-tuning seeds.")
 _SEEDS_FOR = flags.DEFINE_list("seeds_for", [], "task:seed/seed/... for tasks that use other seeds (e.g. sst2:0).")
 _OVERRIDES = flags.DEFINE_list("overrides", [], "task:--config.finetune.field=value, passed to that task's runs.")
+_EXTRA = flags.DEFINE_list("extra", [], "Flags passed to every run, e.g. --config.finetune.pooling=mean.")
 _WORKROOT = flags.DEFINE_string("workroot", "runs/glue", "Where the runs and the tables go.")
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "Runs at a time (each pinned to one core when taskset exists).")
 _TABLE_ONLY = flags.DEFINE_bool("table_only", False, "Only rebuild the tables from the runs' results.json.")
@@ -52,7 +53,7 @@ def _run(job: tuple[str, str, str, int], cores: queue.Queue | None) -> str:
     return f"{workdir.name}: done before"
   overrides = [entry.split(":", 1)[1] for entry in _OVERRIDES.value if entry.split(":", 1)[0] == task]
   command = [sys.executable, "-m", "experiments.glue", f"--task={task}", f"--init_from={path}", f"--seed={seed}",
-             f"--workdir={workdir}", *overrides]
+             f"--workdir={workdir}", *overrides, *_EXTRA.value]
   core = cores.get() if cores is not None else None  # A free core: no two runs share one.
   try:
     if core is not None:

@@ -137,6 +137,7 @@ def finetune(config: FinetuneConfig, workdir: str | pathlib.Path, *,
     wikitext_train = split_paths(pretrained.data)["train"]
   labels = {split: tasks.label_array(task, split_examples) for split, split_examples in examples.items()}
   dev = tasks.dev_splits(task)
+  per_epoch = glue_data.steps_per_epoch(len(examples["train"]), config.batch_size)
 
   run_dir.check_writable(workdir)
   with run_dir.RunLock(workdir):
@@ -145,7 +146,6 @@ def finetune(config: FinetuneConfig, workdir: str | pathlib.Path, *,
       tokenizer = load_or_train_tokenizer(wikitext_train, pretrained.model.vocab_size, workdir / "tokenizer.json")
     max_len = min(config.max_len, pretrained.model.max_len)
     encoded = {split: glue_data.encode(tokenizer, examples[split], labels[split], max_len) for split in examples}
-    per_epoch = glue_data.steps_per_epoch(len(encoded["train"]), config.batch_size)
     num_steps = per_epoch * config.num_epochs
     if config.max_steps:
       num_steps = min(num_steps, config.max_steps)
