@@ -10,23 +10,19 @@ Prints a summary and writes it to <workdir>/summary.json.
 """
 
 import dataclasses
-import functools
 import json
 import pathlib
-import shutil
 import sys
 
 import jax
 import jax.numpy as jnp
 from absl import app, flags, logging
 
+from experiments.moe_runs import copy_corpus_cache, evaluate_all, restore_moe_state
 from hmoe.clustering import convert
 from hmoe.config import from_config_dict
 from hmoe.data.corpus import load_corpus
 from hmoe.model.param_counts import parameter_counts
-from hmoe.model.transformer import TransformerLM
-from hmoe.train import checkpoint, optimizer as optimizer_lib, state as state_lib, step as step_lib
-from hmoe.train.evaluation import evaluate
 from hmoe.train.loop import USER_ERRORS, quiet_library_logging, train_and_evaluate
 
 _MOE_WORKDIR = flags.DEFINE_string("moe_workdir", None, "Workdir of a finished standard-MoE run.")
@@ -38,25 +34,6 @@ _FINETUNE_LR = flags.DEFINE_float("finetune_lr", 3e-4, "Peak learning rate of th
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the k-means seeding.")
 
 flags.mark_flags_as_required(["moe_workdir", "workdir"])
-
-
-def _restore_moe_state(config, workdir: pathlib.Path) -> state_lib.TrainState:
-  model = TransformerLM(config.model)
-  optimizer = optimizer_lib.make_optimizer(config.train)
-  abstract = jax.eval_shape(functools.partial(state_lib.init_train_state, model, optimizer, config))
-  restored = checkpoint.Checkpointer(workdir / "checkpoints").restore(checkpoint.abstract_like(abstract))
-  if restored is None:
-    raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
-  return restored[1]
-
-
-def _evaluate_all(config, params, routing_state, corpus) -> dict[str, float]:
-  eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=TransformerLM(config.model)))
-  results = {}
-  for split in config.data.eval_splits:
-    values = evaluate(eval_fn, params, routing_state, corpus.eval_splits[split], config.data, corpus.tokenizer.eos_id)
-    results.update({f"{split}/loss": values["loss"], f"{split}/word_perplexity": values["word_perplexity"]})
-  return results
 
 
 def run(moe_workdir: pathlib.Path, workdir: pathlib.Path, *, members: int, rank: int, finetune_steps: int,
@@ -73,11 +50,11 @@ def run(moe_workdir: pathlib.Path, workdir: pathlib.Path, *, members: int, rank:
   # The MoE run's cached tokenizer and encoded splits.
   corpus = load_corpus(moe_config.data, moe_config.model.vocab_size, moe_workdir)
 
-  moe_state = _restore_moe_state(moe_config, moe_workdir)
+  moe_state = restore_moe_state(moe_config, moe_workdir)
   moe_step = int(moe_state.step)
   summary = {"moe_step": moe_step, "members": members, "rank": rank, "finetune_steps": finetune_steps}
   summary["moe"] = {**parameter_counts(moe_state.params, moe_config.model),
-                    **_evaluate_all(moe_config, moe_state.params, moe_state.routing_state, corpus)}
+                    **evaluate_all(moe_config, moe_state.params, moe_state.routing_state, corpus)}
   logging.info("MoE at step %d: %s", moe_step, summary["moe"])
 
   params, routing_state, info = convert.convert_moe_params(moe_state.params, hmoe_model, jax.random.PRNGKey(seed),
@@ -85,15 +62,12 @@ def run(moe_workdir: pathlib.Path, workdir: pathlib.Path, *, members: int, rank:
   hmoe_config = dataclasses.replace(moe_config, model=hmoe_model)
   summary["relative_error_per_layer"] = [round(float(e), 4) for e in info["relative_error"]]
   summary["converted"] = {**parameter_counts(params, hmoe_model),
-                          **_evaluate_all(hmoe_config, params, routing_state, corpus)}
+                          **evaluate_all(hmoe_config, params, routing_state, corpus)}
   logging.info("converted, no training: %s", summary["converted"])
 
   workdir.mkdir(parents=True, exist_ok=True)
   if finetune_steps:
-    for cached in ("tokenizer.json", "token_cache"):  # Same tokenizer, and no re-encoding.
-      source, target = moe_workdir / cached, workdir / cached
-      if not target.exists():
-        (shutil.copytree if source.is_dir() else shutil.copy)(source, target)
+    copy_corpus_cache(moe_workdir, workdir)
     finetune_config = dataclasses.replace(hmoe_config, train=dataclasses.replace(
         moe_config.train, num_steps=moe_step + finetune_steps, learning_rate=finetune_lr,
         warmup_steps=min(10, finetune_steps), min_lr_ratio=1.0, eval_every=moe_step + finetune_steps,

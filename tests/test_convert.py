@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import convert_moe
+from experiments import convert_moe, moe_runs
 from experiments.configs import tiny
 from hmoe.clustering import convert, pipeline
 from hmoe.config import from_config_dict
@@ -129,7 +129,7 @@ def test_convert_experiment_evaluates_converts_and_finetunes_a_bias_balanced_moe
   raw["train"].update(num_steps=4, eval_every=4, checkpoint_every=4)
   train_and_evaluate(from_config_dict(raw), tmp_path / "moe")
   evaluations = []
-  real_evaluate_all = convert_moe._evaluate_all
+  real_evaluate_all = convert_moe.evaluate_all
 
   def recording_evaluate_all(config, params, routing_state, corpus):
     results = real_evaluate_all(config, params, routing_state, corpus)
@@ -137,7 +137,7 @@ def test_convert_experiment_evaluates_converts_and_finetunes_a_bias_balanced_moe
     evaluations.append((config, jax.device_get(params), jax.device_get(routing_state), corpus, results))
     return results
 
-  monkeypatch.setattr(convert_moe, "_evaluate_all", recording_evaluate_all)
+  monkeypatch.setattr(convert_moe, "evaluate_all", recording_evaluate_all)
   summary = convert_moe.run(tmp_path / "moe", tmp_path / "hmoe", members=2, rank=4, finetune_steps=3,
                             finetune_lr=1e-3)
   (_, _, moe_routing, _, _), (hmoe_config, hmoe_params, hmoe_routing, corpus, converted) = evaluations
@@ -158,3 +158,29 @@ def test_convert_experiment_evaluates_converts_and_finetunes_a_bias_balanced_moe
   # The fine-tune continued the MoE run's step count (and data position) for exactly finetune_steps updates.
   rows = [json.loads(line) for line in (tmp_path / "hmoe" / "metrics.jsonl").read_text().splitlines()]
   assert max(row["step"] for row in rows) == 7
+
+
+def test_upcycling_converts_an_early_checkpoint_exactly_at_full_rank_and_trains_on_from_its_step(wikitext_dir,
+                                                                                                 tmp_path):
+  raw = tiny.get_config().to_dict()
+  raw["data"]["data_dir"] = str(wikitext_dir)
+  raw["train"].update(num_steps=6, eval_every=6, checkpoint_every=3, keep_checkpoints=3)
+  moe_config = from_config_dict(raw)
+  train_and_evaluate(moe_config, tmp_path / "moe")
+  # One cluster of all experts at full rank: the conversion is exact, so the upcycled model starts as the MoE.
+  hmoe_model = convert.hmoe_model_config(moe_config.model, num_clusters=1, rank=32, recluster_every=0)
+  hmoe_config = dataclasses.replace(moe_config, model=hmoe_model)
+  summary = moe_runs.upcycle(tmp_path / "moe", 3, hmoe_config, tmp_path / "up")
+  assert max(summary["relative_error_per_layer"]) < 1e-5
+  np.testing.assert_allclose(summary["converted"]["valid/loss"], summary["moe"]["valid/loss"], rtol=1e-5)
+  # The MoE at step 3 (an early checkpoint, not the newest) differs from the finished MoE run.
+  final_moe = convert_moe.evaluate_all(moe_config, convert_moe.restore_moe_state(moe_config, tmp_path / "moe").params,
+                                       init_routing_state(moe_config.model),
+                                       convert_moe.load_corpus(moe_config.data, 512, tmp_path / "moe"))
+  assert final_moe["valid/loss"] != pytest.approx(summary["moe"]["valid/loss"], rel=1e-6)
+  assert summary["final"]["step"] == 6
+  rows = [json.loads(line) for line in (tmp_path / "up" / "metrics.jsonl").read_text().splitlines()]
+  assert min(row["step"] for row in rows if "train/loss" in row) == 4  # Steps 4..6: the schedule continues.
+  with pytest.raises(ValueError, match="model fields"):
+    moe_runs.upcycle(tmp_path / "moe", 3, dataclasses.replace(hmoe_config, model=dataclasses.replace(hmoe_model,
+                                                                                             d_ff=96)), tmp_path / "x")

@@ -81,14 +81,19 @@ class Checkpointer:
     for old_step in self.all_steps()[:-self.keep]:
       self._manager.delete(old_step)
 
-  def restore(self, abstract_state: Any) -> tuple[int, Any] | None:
+  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any] | None:
     """Restores the newest readable, verified checkpoint into the structure/shardings of `abstract_state`.
 
     Returns (step, state), or None if the directory holds no checkpoint. Raises `CheckpointError` if checkpoints exist
     but none can be read, `LegacyCheckpointError` at once for a train-state layout this version does not read.
+    `step`: restore exactly that checkpoint (`CheckpointError` if it is missing or unreadable), e.g. to upcycle a MoE
+    from an early step.
     """
+    if step is not None and step not in self.all_steps():
+      raise CheckpointError(f"{self.directory} has no checkpoint {step}; it has {self.all_steps()}")
     failures = []
-    for step in reversed(self.all_steps()):
+    candidates = self.all_steps() if step is None else [step]
+    for step in reversed(candidates):  # noqa: B020 -- `step` is read above, before the loop rebinds it.
       try:
         state = self._restore_step(step, abstract_state)
       except LegacyCheckpointError:
