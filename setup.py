@@ -22,6 +22,8 @@ setuptools.setup(
         # GLUE's official metrics (hmoe.glue.metrics): Matthews, F1, accuracy, Pearson, Spearman.
         "scikit-learn>=1.3",
         "scipy>=1.11",
+        # TensorBoard event files beside metrics.jsonl (hmoe.train.metrics): needs only numpy and protobuf.
+        "tensorboardX>=2.6",
     ],
     extras_require={
         # pytest-xdist: the suite runs on both cores, one test file per worker (pytest.ini), so a file's shared

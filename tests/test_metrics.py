@@ -105,6 +105,35 @@ def test_metrics_writer_appends_json_lines(tmp_path):
                                                  {"step": 2, "loss": 2.0}]
 
 
+def _read_tensorboard_scalars(directory):
+  """{tag: [(step, value)]} from every TFRecord event file under `directory` (length, crc, event proto, crc)."""
+  from tensorboardX.proto import event_pb2
+
+  scalars = {}
+  for path in sorted(directory.glob("events.out.tfevents.*")):
+    data, offset = path.read_bytes(), 0
+    while offset < len(data):
+      length = int.from_bytes(data[offset:offset + 8], "little")
+      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      offset += 12 + length + 4
+      for value in event.summary.value:
+        scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return scalars
+
+
+def test_metrics_writer_also_writes_finite_scalars_as_tensorboard_events(tmp_path):
+  writer = MetricsWriter(tmp_path / "m.jsonl")
+  writer.write(1, {"train/loss": np.float32(2.5), "train/expert_load": np.array([0.5, 0.5]), "eval/ok": True})
+  writer.write(3, {"train/loss": 2.0, "train/tokens_per_second": float("nan")})
+  writer.close()
+  scalars = _read_tensorboard_scalars(tmp_path / "tensorboard")
+  assert set(scalars) == {"train/loss"}  # Arrays, booleans and NaN stay in metrics.jsonl only.
+  assert [step for step, _ in scalars["train/loss"]] == [1, 3]
+  np.testing.assert_allclose([value for _, value in scalars["train/loss"]], [2.5, 2.0])
+  MetricsWriter(tmp_path / "off" / "m.jsonl", tensorboard=False).write(1, {"train/loss": 1.0})
+  assert not (tmp_path / "off" / "tensorboard").exists()
+
+
 def test_regroup_recovery_measures_jump_and_steps_back_to_the_pre_regroup_window():
   rows = [{"step": 10, "train/ce_loss": 5.0}, {"step": 20, "train/ce_loss": 4.8},
           {"step": 20, "regroup/loss_before": 4.7, "regroup/loss_after": 5.2, "regroup/adopted": [True, False],

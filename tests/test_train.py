@@ -5,6 +5,7 @@ Each kind trains one straight run per module (`_straight`), shared by the tests 
 """
 
 import functools
+import logging
 import pathlib
 import shutil
 
@@ -106,7 +107,7 @@ def _tokenizer(workdir):
 
 
 @pytest.mark.parametrize("kind, crash_step", [("moe", 5), ("hmoe", 3)])
-def test_interrupted_run_resumes_exactly(straight, tmp_path, monkeypatch, kind, crash_step):
+def test_interrupted_run_resumes_exactly(straight, tmp_path, monkeypatch, caplog, kind, crash_step):
   # Jitter, dropout and balancing biases on (and for the HMoE a regroup before and after the crash), so the per-step
   # rng streams and the routing state outside params must resume exactly: compared at atol 0 on CPU.
   config, straight_dir, _ = straight(kind)
@@ -122,7 +123,13 @@ def test_interrupted_run_resumes_exactly(straight, tmp_path, monkeypatch, kind, 
     train_and_evaluate(config, tmp_path)
   monkeypatch.setattr(batching, "train_batch", real_train_batch)
   assert checkpoint.Checkpointer(tmp_path / "checkpoints").latest_step() == crash_step - 1
-  train_and_evaluate(config, tmp_path)
+  with caplog.at_level(logging.INFO):
+    train_and_evaluate(config, tmp_path)
+  # Without a terminal: one line per logged step with an ETA, and one per regroup.
+  lines = [record.getMessage() for record in caplog.records]
+  assert any(line.startswith("step 6/6: loss") and "ETA" in line for line in lines), lines
+  if kind == "hmoe":
+    assert any(line.startswith("step 4: regroup adopted in 1/1 layers") for line in lines), lines
 
   step_a, state_a = _restore_final(straight_dir, config)
   step_b, state_b = _restore_final(tmp_path, config)

@@ -232,6 +232,7 @@ def _run(config: FinetuneConfig, task: tasks.Task, experiment: ExperimentConfig,
     if epoch_end or done % train_cfg.checkpoint_every == 0:
       save(done, state)
   save(int(state.step), state)
+  writer.close()
 
   evals = [r for r in metrics.read_metrics(metrics_path) if "epoch" in r]
   majority = {split: glue_metrics.compute(task, glue_metrics.majority_predictions(

@@ -66,6 +66,14 @@ def _summarise_train_metrics(history: list[dict[str, jax.Array]], tokens: int, s
   return summary
 
 
+def _format_seconds(seconds: float) -> str:
+  if not np.isfinite(seconds):
+    return "unknown"
+  minutes, secs = divmod(int(seconds), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
 def _divergence_cause(step_metrics: dict[str, jax.Array]) -> str:
   """What became non-finite at a diverged step: the loss, else the gradient, else the update (e.g. the moments)."""
   values = jax.device_get(step_metrics)
@@ -173,10 +181,14 @@ def _train_and_evaluate(config: ExperimentConfig, workdir: pathlib.Path, checkpo
     state = recluster_fn(state)
     after = batch_loss(state)
     cluster = jax.device_get(state.routing_state.clusters)
-    writer.write(step, {"regroup/loss_before": before["nll_sum"] / before["num_tokens"],
-                        "regroup/loss_after": after["nll_sum"] / after["num_tokens"],
+    loss_before, loss_after = before["nll_sum"] / before["num_tokens"], after["nll_sum"] / after["num_tokens"]
+    writer.write(step, {"regroup/loss_before": loss_before, "regroup/loss_after": loss_after,
                         "regroup/stability": cluster.stability, "regroup/similarity_gain": cluster.similarity_gain,
                         "regroup/adopted": cluster.adopted})
+    adopted = np.asarray(cluster.adopted)
+    message = (f"step {step}: regroup adopted in {int(adopted.sum())}/{adopted.size} layers, experts moved "
+               f"{float(np.mean(np.asarray(cluster.stability))):.0%}, batch loss {loss_before:.4f} -> {loss_after:.4f}")
+    progress.write(message) if not progress.disable else logging.info("%s", message)
     return state
 
   def stop_if_diverged(state, history, last_step: int) -> None:
@@ -213,14 +225,25 @@ def _train_and_evaluate(config: ExperimentConfig, workdir: pathlib.Path, checkpo
       window_tokens += tokens_per_step
       progress.update(1)
       done = step + 1
+      if step == start_step:
+        # The first step of a process compiles: its time would make the first tokens/s reading (and the ETA) wrong.
+        jax.block_until_ready(state.step)
+        window_start, window_tokens, timed_steps = time.perf_counter(), 0, 0
+      else:
+        timed_steps += 1
       if done % train_cfg.log_every == 0 or done == train_cfg.num_steps:
         stop_if_diverged(state, history, step)
-        summary = _summarise_train_metrics(history, window_tokens, time.perf_counter() - window_start)
+        seconds = time.perf_counter() - window_start
+        summary = _summarise_train_metrics(history, max(window_tokens, 1), max(seconds, 1e-9))
+        if not timed_steps:  # Only the compiling step in this window: no honest speed reading.
+          summary["tokens_per_second"] = float("nan")
         writer.write(done, {f"train/{key}": value for key, value in summary.items()})
         progress.set_postfix(loss=f"{summary['ce_loss']:.3f}", tok_s=f"{summary['tokens_per_second']:.0f}")
         if progress.disable:
-          logging.info("step %d: loss %.4f, %.0f tokens/s", done, summary["ce_loss"], summary["tokens_per_second"])
-        history, window_tokens = [], 0
+          eta = (train_cfg.num_steps - done) * seconds / timed_steps if timed_steps else float("nan")
+          logging.info("step %d/%d: loss %.4f, %.0f tokens/s, ETA %s", done, train_cfg.num_steps, summary["ce_loss"],
+                       summary["tokens_per_second"], _format_seconds(eta))
+        history, window_tokens, timed_steps = [], 0, 0
       if recluster_every and done % recluster_every == 0 and done != train_cfg.num_steps:
         state = regroup_and_log(state, done)
       if done % train_cfg.eval_every == 0 and done != train_cfg.num_steps:
@@ -233,5 +256,6 @@ def _train_and_evaluate(config: ExperimentConfig, workdir: pathlib.Path, checkpo
     progress.close()
     stop_if_diverged(state, history, train_cfg.num_steps - 1)
     results = run_evals(state, int(state.step), config.data.eval_splits)
+  writer.close()
   return {"step": int(state.step), **counts, **{f"{split}/{key}": value for split, values in results.items()
                                                 for key, value in values.items()}}

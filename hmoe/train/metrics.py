@@ -29,11 +29,19 @@ def perplexity(nll_sum: float, count: float) -> float:
 
 
 class MetricsWriter:
-  """Appends one JSON object per line (`{"step": s, ...}`) to `path`; safe to reopen when a run resumes."""
+  """Appends one JSON object per line (`{"step": s, ...}`) to `path`; safe to reopen when a run resumes.
 
-  def __init__(self, path: str | pathlib.Path):
+  Every scalar also goes to TensorBoard event files in `<run>/tensorboard/` (`tensorboard --logdir runs/`), written by
+  tensorboardX: it needs only numpy and protobuf, where TensorBoard's own writers need TensorFlow or PyTorch. Each
+  process writes its own event file; after a resume TensorBoard shows the re-logged steps from the newest file.
+  Arrays (per-expert load) stay in metrics.jsonl only.
+  """
+
+  def __init__(self, path: str | pathlib.Path, tensorboard: bool = True):
     self.path = pathlib.Path(path)
     self.path.parent.mkdir(parents=True, exist_ok=True)
+    self._tensorboard_dir = self.path.parent / "tensorboard" if tensorboard else None
+    self._tensorboard = None
 
   def write(self, step: int, values: Mapping[str, Any]) -> None:
     record = {"step": int(step)}
@@ -42,6 +50,22 @@ class MetricsWriter:
       record[key] = value.tolist() if value.ndim else value.item()
     with self.path.open("a") as stream:
       stream.write(json.dumps(record) + "\n")
+    if self._tensorboard_dir is not None:
+      self._write_tensorboard(int(step), record)
+
+  def _write_tensorboard(self, step: int, record: Mapping[str, Any]) -> None:
+    if self._tensorboard is None:
+      import tensorboardX  # Imported on first use: readers of metrics (summaries, tests) never need it.
+      self._tensorboard = tensorboardX.SummaryWriter(logdir=str(self._tensorboard_dir), flush_secs=30)
+    for key, value in record.items():
+      if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        self._tensorboard.add_scalar(key, value, step)
+    self._tensorboard.flush()
+
+  def close(self) -> None:
+    if self._tensorboard is not None:
+      self._tensorboard.close()
+      self._tensorboard = None
 
 
 def read_metrics(path: str | pathlib.Path) -> list[dict[str, Any]]:
