@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -34,3 +35,12 @@ def final_word_perplexities(rows: Sequence[Mapping[str, Any]]) -> dict[str, floa
   """`{split: the last logged word-level perplexity}` of a run's metrics rows; splits never evaluated are left out."""
   suffix = "/word_perplexity"
   return {key[:-len(suffix)]: value for row in rows for key, value in row.items() if key.endswith(suffix)}
+
+
+_SEED_SUFFIX = re.compile(r"_s(\d+)$")
+
+
+def split_seed(name: str) -> tuple[str, int]:
+  """`"dense_d01_s2"` -> `("dense_d01", 2)`; a name without a seed suffix is seed 0."""
+  match = _SEED_SUFFIX.search(name)
+  return (name[:match.start()], int(match.group(1))) if match else (name, 0)

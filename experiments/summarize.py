@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import glob
 import pathlib
-import re
 import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -29,7 +28,6 @@ _TAIL_LOGS = flags.DEFINE_integer("tail_logs", 6, "Logged training windows avera
 # Column key, metrics.jsonl key of the training columns (None: a final perplexity), header.
 _COLUMNS = (("valid", None, "valid ppl"), ("test", None, "test ppl"),
             ("train_ce", "train/ce_loss", "final train CE"), ("load_cv", "train/load_cv", "final load CV"))
-_SEED_SUFFIX = re.compile(r"_s(\d+)$")
 
 
 def run_summary(rows: Sequence[Mapping[str, Any]], tail_logs: int) -> dict[str, float]:
@@ -42,17 +40,11 @@ def run_summary(rows: Sequence[Mapping[str, Any]], tail_logs: int) -> dict[str, 
   return summary
 
 
-def split_seed(name: str) -> tuple[str, int]:
-  """`"dense_d01_s2"` -> `("dense_d01", 2)`; a name without a seed suffix is seed 0."""
-  match = _SEED_SUFFIX.search(name)
-  return (name[:match.start()], int(match.group(1))) if match else (name, 0)
-
-
 def pool_seeds(summaries_by_run: Mapping[str, Mapping[str, float]]) -> list[dict]:
   """One row per group of seed repeats: seeds, and mean / std / per-seed values of each column, sorted by name."""
   groups: dict[str, dict[int, Mapping[str, float]]] = {}
   for name, summary in summaries_by_run.items():
-    group, seed = split_seed(name)
+    group, seed = analysis.split_seed(name)
     if seed in groups.setdefault(group, {}):
       raise ValueError(f"run {name!r} repeats seed {seed} of group {group!r}")
     groups[group][seed] = summary

@@ -22,7 +22,7 @@ def test_run_summary_takes_the_last_evaluation_and_averages_the_training_tail():
 @pytest.mark.parametrize("name, expected", [("dense", ("dense", 0)), ("dense_d01_s2", ("dense_d01", 2)),
                                             ("sh_s1x", ("sh_s1x", 0)), ("e8_s12", ("e8", 12))])
 def test_split_seed(name, expected):
-  assert summarize.split_seed(name) == expected
+  assert analysis.split_seed(name) == expected
 
 
 def test_pool_seeds_groups_repeats_with_mean_and_sample_std():
