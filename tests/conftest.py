@@ -35,3 +35,14 @@ def wikitext_dir(tmp_path_factory) -> pathlib.Path:
     lines += [" " + " ".join(rng.choice(_WORDS, size=rng.integers(4, 20))) + " \n" for _ in range(num_lines)]
     (root / "wikitext-2" / f"wiki.{split}.tokens").write_text("".join(lines))
   return root
+
+
+@pytest.fixture(autouse=True)
+def _offline_wikitext(monkeypatch, tmp_path_factory):
+  """Tests never reach the network: a missing WikiText file makes the trainer try a file:// URL that does not exist,
+  which fails as an offline download does."""
+  from hmoe.data import wikitext
+
+  offline = tmp_path_factory.getbasetemp() / "offline_mirror"
+  monkeypatch.setattr(wikitext, "WIKITEXT_URLS", {name: (offline / f"{name}-v1.zip").as_uri()
+                                                  for name in wikitext.DATASETS})

@@ -1,5 +1,6 @@
 """Tests for hmoe.data: file lookup, word counts, download, encoding cache, batching."""
 
+import hashlib
 import pathlib
 import zipfile
 
@@ -68,14 +69,32 @@ def test_resolve_data_dir_order(tmp_path, monkeypatch):
   assert data.resolve_data_dir() == shared.resolve()
 
 
-def test_resolve_data_dir_error_explains_options(tmp_path, monkeypatch):
+def test_without_any_data_dir_the_cache_is_used_and_offline_fetching_explains_options(tmp_path, monkeypatch):
   monkeypatch.delenv(data.DEFAULT_DATA_ENV, raising=False)
   monkeypatch.chdir(tmp_path)
   monkeypatch.setattr(data, "_REPO_ROOT", tmp_path / "repo")
-  with pytest.raises(FileNotFoundError) as e:
-    data.resolve_data_dir()
-  for hint in ("--data_dir", data.DEFAULT_DATA_ENV, "python -m hmoe.data --download"):
+  assert data.resolve_data_dir() == data.DEFAULT_CACHE_DIR
+  with pytest.raises(FileNotFoundError) as e:  # The conftest makes every download fail as offline.
+    data.ensure_wikitext(tmp_path / "cache", "wikitext-2")
+  for hint in ("wiki.train.tokens", "could not be downloaded", "--data_dir", data.DEFAULT_DATA_ENV,
+               "python -m hmoe.data --download --dataset=wikitext-2"):
     assert hint in str(e.value)
+  assert not (tmp_path / "cache" / "wikitext-2" / "wiki.train.tokens").exists()
+
+
+def test_first_use_downloads_and_verifies_the_archive(tmp_path, monkeypatch):
+  members = {f"wikitext-2/wiki.{s}.tokens": f" = {s} = \n{_SAMPLE}" for s in data.SPLITS}
+  url = _make_zip(tmp_path / "mirror.zip", members)
+  pins = {("wikitext-2", s): hashlib.sha256(f" = {s} = \n{_SAMPLE}".encode()).hexdigest() for s in data.SPLITS}
+  with pytest.raises(ValueError, match="has SHA-256 .* expected 9e9fa1ad"):  # Official pins: a foreign archive fails.
+    data.ensure_wikitext(tmp_path / "a", "wikitext-2", url=url)
+  assert not (tmp_path / "a" / "wikitext-2" / "wiki.train.tokens").exists()
+  monkeypatch.setattr(data, "WIKITEXT_SHA256", pins)
+  monkeypatch.setattr(data, "WIKITEXT_URLS", {"wikitext-2": url})
+  target = data.ensure_wikitext(tmp_path / "b", "wikitext-2")
+  assert (target / "wiki.valid.tokens").read_text() == f" = valid = \n{_SAMPLE}"
+  (tmp_path / "mirror.zip").unlink()  # Present files are not fetched again.
+  assert data.ensure_wikitext(tmp_path / "b", "wikitext-2") == target
 
 
 def test_wikitext_split_path(tmp_path):
@@ -112,8 +131,10 @@ def _make_zip(path: pathlib.Path, members: dict[str, str]) -> str:
   return path.as_uri()
 
 
-def test_download_wikitext_from_file_url(tmp_path, capsys):
+def test_download_wikitext_from_file_url(tmp_path, capsys, monkeypatch):
   members = {f"wikitext-2/wiki.{s}.tokens": f" = {s} = \n{_SAMPLE}" for s in data.SPLITS}
+  monkeypatch.setattr(data, "WIKITEXT_SHA256", {("wikitext-2", s): hashlib.sha256(
+      members[f"wikitext-2/wiki.{s}.tokens"].encode()).hexdigest() for s in data.SPLITS})
   members["wikitext-2/README"] = "not extracted"
   url = _make_zip(tmp_path / "wikitext-2-v1.zip", members)
   root = tmp_path / "data"

@@ -184,7 +184,9 @@ def test_unwritable_workdir_fails_at_start(wikitext_dir, tmp_path, monkeypatch):
 
 
 def test_missing_data_is_named_and_nothing_is_written(tmp_path):
-  with pytest.raises(FileNotFoundError, match=r"WikiText file not found: .*missing/wikitext-2/wiki.train.tokens\. "
-                                              r"Fetch it with `python -m hmoe.data --download"):
+  # Offline (the conftest's mirror does not exist): one paragraph naming the file, the flag, the variable, the command.
+  with pytest.raises(FileNotFoundError, match=r"WikiText file .*missing/wikitext-2/wiki.train.tokens is missing and "
+                                              r"wikitext-2 could not be downloaded .*--data_dir=DIR.*HMOE_DATA_DIR.*"
+                                              r"python -m hmoe.data --download --dataset=wikitext-2"):
     train_and_evaluate(_config(tmp_path / "missing"), tmp_path / "run")
   assert not (tmp_path / "run").exists()

@@ -20,8 +20,10 @@ class Corpus:
 def split_paths(config: DataConfig) -> dict[str, pathlib.Path]:
   """The files of every split a run reads, checked to exist (the loop calls this before it writes anything)."""
   data_dir = wikitext.resolve_data_dir(config.data_dir)
+  splits = ("train", *config.eval_splits)
+  wikitext.ensure_wikitext(data_dir, config.dataset, splits)  # First use: download and verify.
   return {split: wikitext.wikitext_split_path(data_dir, config.dataset, split)
-          for split in ("train", *config.eval_splits)}
+          for split in splits}
 
 
 def load_corpus(config: DataConfig, vocab_size: int, workdir: pathlib.Path) -> Corpus:

@@ -14,12 +14,15 @@ import logging
 import os
 import pathlib
 import shutil
+import sys
 import tempfile
 import urllib.request
 import zipfile
+from collections.abc import Mapping
 from typing import Protocol
 
 import numpy as np
+import tqdm
 
 DEFAULT_DATA_ENV = "HMOE_DATA_DIR"
 DATASETS = ("wikitext-2", "wikitext-103")
@@ -28,6 +31,17 @@ WIKITEXT_URLS = {
     "wikitext-2": "https://wikitext.smerity.com/wikitext-2-v1.zip",
     "wikitext-103": "https://wikitext.smerity.com/wikitext-103-v1.zip",
 }
+# SHA-256 of the official split files (byte-identical to the release archives); a download is verified against them.
+# WikiText-103's train split is not pinned (no verified copy was at hand): it is extracted unverified, with a warning.
+WIKITEXT_SHA256 = {
+    ("wikitext-2", "train"): "9e9fa1ad55b1c2c95b08e37dd8e653f638fac2c6de904b79e813611eefbc985f",
+    ("wikitext-2", "valid"): "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8",
+    ("wikitext-2", "test"): "d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0",
+    ("wikitext-103", "valid"): "9aee9f52d6e77de6c7751fc5e7c44287db3ec0eaf15477098acc6b93c1c4250b",
+    ("wikitext-103", "test"): "56db52eb157b1ab5c89646eef70510c1eca6e12a3bfdb99f0d6b05b4eacb75b9",
+}
+# Where data goes when no data directory exists yet (first use on a fresh machine).
+DEFAULT_CACHE_DIR = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache")) / "hmoe" / "data"
 # The directory holding the hmoe package: a checkout's root.
 _REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 # Bump when the cached array layout or encoding convention changes.
@@ -57,7 +71,7 @@ def resolve_data_dir(data_dir: PathLike | None = None) -> pathlib.Path:
   """Returns the data root holding `wikitext-2/` and `wikitext-103/`.
 
   Order: `data_dir` if given; else $HMOE_DATA_DIR; else the first existing of `./../shared/data` and
-  `<repo root>/../shared/data`.
+  `<repo root>/../shared/data`; else `DEFAULT_CACHE_DIR` (~/.cache/hmoe/data), where a first run downloads to.
   """
   if data_dir is not None:
     return pathlib.Path(data_dir)
@@ -68,10 +82,30 @@ def resolve_data_dir(data_dir: PathLike | None = None) -> pathlib.Path:
   for candidate in candidates:
     if candidate.is_dir():
       return candidate.resolve()
-  raise FileNotFoundError(
-      f"no data directory found: tried {', '.join(map(str, candidates))}. Pass --data_dir=DIR or set "
-      f"${DEFAULT_DATA_ENV}=DIR; to fetch WikiText into DIR run "
-      "`python -m hmoe.data --download --dataset=wikitext-2 --data_dir=DIR`.")
+  return DEFAULT_CACHE_DIR
+
+
+def ensure_wikitext(data_dir: PathLike, dataset: str, splits=SPLITS, url: str | None = None) -> pathlib.Path:
+  """`<data_dir>/<dataset>`, downloading (and verifying) the archive first if any of `splits` is missing.
+
+  Offline (or when the download fails), raises `FileNotFoundError` with one paragraph naming the flag, the
+  environment variable and the download command; nothing is written outside `data_dir`.
+  """
+  _check_dataset(dataset)
+  target = pathlib.Path(data_dir) / dataset
+  missing = [split for split in splits if not (target / f"wiki.{split}.tokens").is_file()]
+  if not missing:
+    return target
+  logging.warning("%s %s not found in %s: downloading %s", dataset, "/".join(missing), target,
+                  url or WIKITEXT_URLS[dataset])
+  try:
+    return download_wikitext(data_dir, dataset, url)
+  except OSError as error:  # urllib's URLError (offline, DNS, HTTP) and file errors are OSErrors.
+    raise FileNotFoundError(
+        f"WikiText file {target / f'wiki.{missing[0]}.tokens'} is missing and {dataset} could not be downloaded "
+        f"({type(error).__name__}: {error}). Point hmoe at a folder holding {dataset}/wiki.{{train,valid,test}}.tokens "
+        f"with --data_dir=DIR (or --config.data.data_dir=DIR, or ${DEFAULT_DATA_ENV}=DIR), or fetch it on a machine "
+        f"with network: python -m hmoe.data --download --dataset={dataset} --data_dir=DIR") from None
 
 
 def _check_dataset(dataset: str) -> None:
@@ -101,13 +135,15 @@ def _is_blank(path: pathlib.Path) -> bool:
   return True
 
 
-def download_wikitext(data_dir: PathLike, dataset: str, url: str | None = None) -> pathlib.Path:
+def download_wikitext(data_dir: PathLike, dataset: str, url: str | None = None,
+                      checksums: Mapping[tuple[str, str], str] | None = None) -> pathlib.Path:
   """Fetches an official WikiText archive and extracts its `wiki.*.tokens` files.
 
   Args:
     data_dir: Data root; files land in `<data_dir>/<dataset>/`.
     dataset: "wikitext-2" or "wikitext-103".
     url: Archive URL (any scheme urllib handles, file:// included); defaults to the official smerity.com zip.
+    checksums: {(dataset, split): SHA-256} the extracted files must have; default `WIKITEXT_SHA256`.
 
   Returns:
     `<data_dir>/<dataset>`. Existing split files there are replaced. Each file appears atomically (extracted into a
@@ -122,13 +158,31 @@ def download_wikitext(data_dir: PathLike, dataset: str, url: str | None = None) 
     tmp_dir = pathlib.Path(tmp)
     archive = tmp_dir / "archive.zip"
     logging.info("downloading %s", url)
-    with urllib.request.urlopen(url) as response, open(archive, "wb") as out:
-      shutil.copyfileobj(response, out)
+    with urllib.request.urlopen(url, timeout=60) as response, open(archive, "wb") as out:
+      total = int(response.headers.get("Content-Length") or 0) or None
+      with tqdm.tqdm(total=total, unit="B", unit_scale=True, desc=f"{dataset}", disable=not sys.stderr.isatty()) as bar:
+        while chunk := response.read(1 << 20):
+          out.write(chunk)
+          bar.update(len(chunk))
     extracted = _extract_split_files(archive, tmp_dir / "extracted", url)
+    _verify(tmp_dir / "extracted", dataset, url, WIKITEXT_SHA256 if checksums is None else checksums)
     for name in extracted:
       os.replace(tmp_dir / "extracted" / name, target / name)
   logging.info("wrote %s to %s", ", ".join(extracted), target)
   return target
+
+
+def _verify(directory: pathlib.Path, dataset: str, url: str, checksums: Mapping[tuple[str, str], str]) -> None:
+  """Checks every extracted split against its pinned SHA-256 before anything replaces the data."""
+  for split in SPLITS:
+    expected = checksums.get((dataset, split))
+    if expected is None:
+      logging.warning("%s %s has no pinned SHA-256; extracted unverified", dataset, split)
+      continue
+    actual = hashlib.sha256((directory / f"wiki.{split}.tokens").read_bytes()).hexdigest()
+    if actual != expected:
+      raise ValueError(f"wiki.{split}.tokens from {url} has SHA-256 {actual}, expected {expected} (the official "
+                       f"{dataset} file): a damaged or different archive; nothing was written")
 
 
 def _extract_split_files(archive: pathlib.Path, out_dir: pathlib.Path, url: str) -> list[str]:
