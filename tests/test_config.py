@@ -79,3 +79,20 @@ def test_shipped_configs_are_valid():
 def test_moe_fields_ignored_for_dense_models():
   # An all-dense model does not validate (or need) MoE settings.
   from_config_dict(_tiny(model__ffn_pattern="dense", model__moe__top_k=99))
+
+
+def test_every_config_file_documents_its_variants_and_names_them_on_a_typo():
+  import importlib
+  import pathlib as pathlib_
+  import re
+
+  files = sorted(path.stem for path in (pathlib_.Path(__file__).parents[1] / "experiments" / "configs").glob("*.py")
+                 if path.stem != "__init__")
+  assert {"tiny", "small", "narrow", "quickstart", "compare", "pod", "glue"} <= set(files)
+  for name in files:
+    module = importlib.import_module(f"experiments.configs.{name}")
+    for variant in module.VARIANTS:
+      assert re.search(rf"\b{variant}\b", module.__doc__), (name, variant)  # Listed in the docstring.
+      module.get_config(variant)
+    with pytest.raises(ValueError, match=rf"{name} config variant must be one of \({module.VARIANTS[0]!r}"):
+      module.get_config("no_such_variant")

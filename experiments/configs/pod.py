@@ -18,10 +18,12 @@ import ml_collections
 
 from hmoe.config import base_config
 
+VARIANTS = ("moe", "dense", "hmoe")
+
 
 def get_config(variant: str = "moe") -> ml_collections.ConfigDict:
-  if variant not in ("moe", "dense", "hmoe"):
-    raise ValueError(f"pod config variant must be 'moe', 'dense' or 'hmoe', got {variant!r}")
+  if variant not in VARIANTS:
+    raise ValueError(f"pod config variant must be one of {VARIANTS}, got {variant!r}")
   config = base_config()
   config.model.update(
       vocab_size=32768, d_model=1024, num_layers=24, num_heads=16, d_ff=5632, max_len=1024,
