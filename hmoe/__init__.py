@@ -5,6 +5,17 @@ is `hmoe.train` and the data pipeline `hmoe.data`, imported on their own so that
 or the tokenizer.
 """
 
+import os as _os
+
+# XLA:CPU's concurrency-optimised scheduler deadlocks on the jitted regroup step (`hmoe.clustering.regroup`) with the
+# router similarity signal: on 2 cores the step never returns and the CPU sits idle (JAX 0.10.2; reproduced with a
+# quick-start run regrouping at step 10 or 100). With the default scheduler it runs, and training is no slower
+# (4,450-4,570 vs 4,050-4,180 tokens/s, narrow HMoE). Set here, before JAX starts its CPU backend, unless the user
+# chose a value; it has no effect if a backend was already initialised before hmoe was imported.
+_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
+if _SCHEDULER_FLAG not in _os.environ.get("XLA_FLAGS", ""):
+  _os.environ["XLA_FLAGS"] = f"{_os.environ.get('XLA_FLAGS', '')} {_SCHEDULER_FLAG}=false".strip()
+
 from hmoe.clustering.convert import convert_moe_params, hmoe_model_config
 from hmoe.clustering.regroup import recluster
 from hmoe.clustering.state import ClusterState

@@ -96,3 +96,12 @@ def test_every_config_file_documents_its_variants_and_names_them_on_a_typo():
       module.get_config(variant)
     with pytest.raises(ValueError, match=rf"{name} config variant must be one of \({module.VARIANTS[0]!r}"):
       module.get_config("no_such_variant")
+
+
+def test_importing_hmoe_turns_off_the_xla_cpu_scheduler_that_deadlocks_the_regroup():
+  import os
+
+  import hmoe  # noqa: F401 -- the import sets the flag.
+
+  assert "--xla_cpu_enable_concurrency_optimized_scheduler=false" in os.environ["XLA_FLAGS"]
+  assert "--xla_force_host_platform_device_count=8" in os.environ["XLA_FLAGS"]  # The user's flags are kept.
