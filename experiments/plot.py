@@ -41,11 +41,16 @@ def regroup_events(rows: Sequence[Mapping[str, Any]]) -> list[tuple[int, bool]]:
 
 
 def front_points(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
-  """One point per run group (seeds pooled): total parameters, mean/min/max final valid word perplexity."""
+  """One point per run group (seeds pooled): total parameters, mean/min/max final valid word perplexity.
+
+  Only finished runs count: those that logged the test split, which the loop scores only at the end (an unfinished
+  run's last valid score is an intermediate one).
+  """
   groups: dict[str, list[tuple[float, float]]] = {}
   for name, rows in runs.items():
     params = [row["model/params_total"] for row in rows if "model/params_total" in row]
-    valid = analysis.final_word_perplexities(rows).get("valid")
+    final = analysis.final_word_perplexities(rows)
+    valid = final.get("valid") if "test" in final else None
     if params and valid is not None:
       groups.setdefault(analysis.split_seed(name)[0], []).append((params[0], valid))
   points = []

@@ -7,7 +7,7 @@ import pytest
 from experiments import plot
 
 
-def _write_run(root, name, params_total, valid_ppl, regroups=(), routed=True):
+def _write_run(root, name, params_total, valid_ppl, regroups=(), routed=True, finished=True):
   workdir = root / name
   workdir.mkdir()
   rows = [{"step": 0, "model/params_total": params_total}]
@@ -19,6 +19,8 @@ def _write_run(root, name, params_total, valid_ppl, regroups=(), routed=True):
   rows += [{"step": step, "regroup/adopted": adopted, "regroup/loss_before": 4.0} for step, adopted in regroups]
   rows += [{"step": 20, "valid/word_perplexity": valid_ppl + 50}, {"step": 30, "valid/word_perplexity": valid_ppl},
            {"step": 30, "test/word_perplexity": valid_ppl - 10}]
+  if not finished:
+    rows = [row for row in rows if "test/word_perplexity" not in row]
   (workdir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
@@ -29,17 +31,19 @@ def runs_root(tmp_path):
   _write_run(tmp_path, "moe_s1", 3_000_000, 290.0)
   _write_run(tmp_path, "hmoe", 1_500_000, 300.0, regroups=[(15, [True, False]), (25, [False, False])])
   _write_run(tmp_path, "big_bad", 4_000_000, 400.0)
+  _write_run(tmp_path, "unfinished", 500_000, 200.0, finished=False)  # Would lead the front if it counted.
   (tmp_path / "empty").mkdir()
   return tmp_path
 
 
 def test_readers_pool_seeds_and_find_the_front(runs_root, capsys):
   runs = plot.load_runs([str(runs_root / "*")])
-  assert sorted(runs) == ["big_bad", "dense", "hmoe", "moe_s0", "moe_s1"]
+  assert sorted(runs) == ["big_bad", "dense", "hmoe", "moe_s0", "moe_s1", "unfinished"]
   assert "skipping" in capsys.readouterr().out  # The directory without metrics is named, not silently dropped.
   assert plot.series(runs["dense"], "valid/word_perplexity") == ([20, 30], [360.0, 310.0])
   assert plot.regroup_events(runs["hmoe"]) == [(15, True), (25, False)]
   points = {point["name"]: point for point in plot.front_points(runs)}
+  assert "unfinished" not in points
   assert points["moe"] == {"name": "moe", "params_total": 3_000_000, "valid": 285.0, "low": 280.0, "high": 290.0,
                            "seeds": 2}
   assert [point["name"] for point in plot.pareto(list(points.values()))] == ["dense", "hmoe", "moe"]
