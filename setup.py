@@ -28,7 +28,9 @@ setuptools.setup(
     extras_require={
         # pytest-xdist: the suite runs on both cores, one test file per worker (pytest.ini), so a file's shared
         # compiled fixtures stay in one process.
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "chex>=0.1.88", "ruff>=0.6", "matplotlib>=3.8"],
+        # nbclient + ipykernel execute the Colab notebook as a test (tests/test_notebook.py).
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "chex>=0.1.88", "ruff>=0.6", "matplotlib>=3.8", "nbclient>=0.10",
+                 "nbformat>=5.10", "ipykernel>=6.29"],
         # Figures of the experiments (experiments/offload_sim.py); the library never imports it.
         "plots": ["matplotlib>=3.8"],
     },

@@ -184,7 +184,10 @@ def _train_and_evaluate(config: ExperimentConfig, workdir: pathlib.Path, checkpo
     loss_before, loss_after = before["nll_sum"] / before["num_tokens"], after["nll_sum"] / after["num_tokens"]
     writer.write(step, {"regroup/loss_before": loss_before, "regroup/loss_after": loss_after,
                         "regroup/stability": cluster.stability, "regroup/similarity_gain": cluster.similarity_gain,
-                        "regroup/adopted": cluster.adopted})
+                        "regroup/adopted": cluster.adopted,
+                        # [layers, E]: the original expert at each cluster-major position, so a reader (the
+                        # notebook's cluster map) can follow every expert from regroup to regroup.
+                        "regroup/expert_id": cluster.expert_id})
     adopted = np.asarray(cluster.adopted)
     message = (f"step {step}: regroup adopted in {int(adopted.sum())}/{adopted.size} layers, experts moved "
                f"{float(np.mean(np.asarray(cluster.stability))):.0%}, batch loss {loss_before:.4f} -> {loss_after:.4f}")
