@@ -1,6 +1,6 @@
 """MoE layer throughput: dense FFN (same active FLOPs) vs the MoE dispatch paths and HMoE, in one process.
 
-  python -m experiments.bench_layer                      # forward, the README table
+  python -m experiments.bench_layer                      # forward, the table of docs/speed.md
   python -m experiments.bench_layer --backward           # forward + backward
   python -m experiments.bench_layer --paths=sort,hmoe4,hmoe8 --experts=32   # standard vs hierarchical MoE
 

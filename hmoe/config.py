@@ -67,7 +67,7 @@ class RoutedConfig(abc.ABC):
   # Multiplies the routed output (DeepSeek-V2/V3 "routed scaling factor"). The renormalised gates of the k chosen
   # experts sum to 1, so the routed part is an *average* of k experts where a dense FFN of the same active width is a
   # *sum* of k blocks: each expert's output and its function-space learning rate are ~1/k of a dense block's.
-  # Setting it to top_k restores the sum (no gain in the small.py probes, README).
+  # Setting it to top_k restores the sum (no gain in the small.py probes, docs/dense_vs_moe.md).
   routed_scale: float = 1.0
   # Explicit expert parallelism (`hmoe.parallel.expert_parallel`) when the mesh has an expert axis > 1: shard_map +
   # all_to_all with per-destination-shard capacity (capacity_factor / eval_capacity_factor; a dropless setting
@@ -218,7 +218,7 @@ class ModelConfig:
   dtype: str = "float32"  # Compute dtype; parameters are always float32.
   rope_base: float = 10_000.0
   # Dropout on the embeddings and on each block's attention and FFN outputs before the residual add (GPT-2 style),
-  # training only. WikiText-2 is small enough that multi-epoch runs overfit (see README); 0 = off.
+  # training only. WikiText-2 is small enough that multi-epoch runs overfit (docs/dense_vs_moe.md); 0 = off.
   dropout_rate: float = 0.0
   moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
   hmoe: HMoEConfig = dataclasses.field(default_factory=HMoEConfig)

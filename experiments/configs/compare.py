@@ -1,7 +1,7 @@
 """Dense vs standard MoE vs hierarchical MoE on WikiText-2, everything but the FFN kind equal.
 
   python -m experiments.train --config=experiments/configs/compare.py:hmoe8x4 --workdir=runs/compare/hmoe8x4
-  python -m experiments.compare --runs_dir=runs/compare      # the README table (after all variants trained)
+  python -m experiments.compare --runs_dir=runs/compare   # docs/hierarchical_moe.md's table, after all variants
 
 Trunk, data order, seed, steps and tokens are those of `small.py` except the schedule (500 steps = 1.02M tokens, so
 the four variants fit in about an hour of 2 CPU cores). Variants:

@@ -8,15 +8,17 @@
 Why a second comparison next to `small.py`: an MoE buys parameters, not FLOPs, so it can only beat the dense model with
 the same active parameters where the dense model is short of parameters. At D=256 (`small.py`, 4.2M non-embedding
 parameters) on WikiText-2's 2.6M training tokens that is not the case: the two were level within seed noise up to
-12M tokens on an H100 (README). Here the trunk is 4x narrower (0.26M non-embedding parameters), so capacity, not data,
-limits the dense model, and 3000 steps x 16 x 128 = 6.1M tokens (2.4 epochs) fit in about an hour of one CPU core.
+12M tokens on an H100 (docs/dense_vs_moe.md). Here the trunk is 4x narrower (0.26M non-embedding parameters), so
+capacity, not data, limits the dense model, and 3000 steps x 16 x 128 = 6.1M tokens (2.4 epochs) fit in about an hour
+of one CPU core.
 
 Both variants keep everything of `small.py` (4 layers, rotary, tied embeddings, BPE vocabulary 8192, AdamW 3e-3 with
 warmup 100 and cosine decay, data order and seed) except the widths:
   dense  SwiGLU FFN of width 256 (4 x D).
   moe    an always-on shared SwiGLU of width 128 plus top-2 of 32 routed experts of width 64 (DeepSeekMoE-style,
          dropless); active FFN width 128 + 2 x 64 = 256, as in `dense`; 8.6x the dense model's FFN parameters. No
-         balance loss (z-loss 1e-3 kept): at D=256 the balance loss cost more than the balance bought (README).
+         balance loss (z-loss 1e-3 kept): at D=256 the balance loss cost more than the balance bought
+         (docs/dense_vs_moe.md).
   hmoe   the same shared expert plus the same 32 routed experts as G=4 clusters of M=8 (shared base per cluster,
          rank-4 residuals per expert), top-1 cluster then top-2 experts inside it, dropless, no balance losses:
          75% fewer routed-expert parameters than `moe`. Clusters are regrouped every 250 steps by the experts'

@@ -11,7 +11,7 @@ the seed and the number of training tokens. `moe` puts an 8-expert top-2 MoE (ex
 All variants scale the learning rate of FFN output projections by 1024 / fan_in (`train.fan_in_lr_base`, muP for
 Adam): a no-op for the dense FFN (width 1024, the width the learning rate was tuned at), x2 for width-512 and x4 for
 width-256 experts, so a narrow expert moves its output as fast per step as the dense FFN does.
-Measured results (time on 2 CPU cores, validation/test word-level perplexity) are in README.md.
+Measured results (time on 2 CPU cores, validation/test word-level perplexity) are in docs/dense_vs_moe.md.
 """
 
 import ml_collections

@@ -9,7 +9,7 @@ Pooling (the representation the head reads):
     (`hmoe.glue.data`). The model is causal, so only that position has seen the whole input; this is how a decoder-only
     model is fine-tuned for classification (GPT-1, Radford et al. 2018). The default.
   * "mean": the average state over the real tokens, earlier ones seeing only a prefix.
-README's GLUE section has the ablation of the two.
+docs/glue.md has the ablation of the two.
 Padding sits after the text, so causal attention keeps it out of every real token's state; padded positions are still
 routed (they count in the routing statistics, and in the capacity of a non-dropless layer).
 """
