@@ -74,8 +74,11 @@ def upcycle(moe_workdir: pathlib.Path, moe_step: int, hmoe_config: ExperimentCon
     raise ValueError(f"--config must be an HMoE model, got ffn_pattern={hmoe_config.model.ffn_pattern!r}")
   if not 0 < moe_step < hmoe_config.train.num_steps:
     raise ValueError(f"--moe_step={moe_step} must lie in (0, train.num_steps={hmoe_config.train.num_steps})")
-  if dataclasses.replace(moe_config.data, eval_splits=()) != dataclasses.replace(hmoe_config.data, eval_splits=()):
-    raise ValueError("the MoE run trained on other data settings than --config's; upcycle with the same data")
+  # Only what decides the training stream must match: where the files live and how evaluation batches are cut do not.
+  differing = [name for name in ("dataset", "seq_len", "batch_size")
+               if getattr(moe_config.data, name) != getattr(hmoe_config.data, name)]
+  if differing:
+    raise ValueError(f"the MoE run trained on other data than --config: data fields {differing} differ")
   target_model(moe_config, hmoe_config)
   moe_state = restore_moe_state(moe_config, moe_workdir, moe_step)
   corpus = load_corpus(moe_config.data, moe_config.model.vocab_size, moe_workdir)

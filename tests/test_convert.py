@@ -184,3 +184,7 @@ def test_upcycling_converts_an_early_checkpoint_exactly_at_full_rank_and_trains_
   with pytest.raises(ValueError, match="model fields"):
     moe_runs.upcycle(tmp_path / "moe", 3, dataclasses.replace(hmoe_config, model=dataclasses.replace(hmoe_model,
                                                                                              d_ff=96)), tmp_path / "x")
+  # Only the training stream must match: another seq_len is refused by name (data_dir may differ: same files).
+  with pytest.raises(ValueError, match=r"data fields \['seq_len'\]"):
+    moe_runs.upcycle(tmp_path / "moe", 3, dataclasses.replace(
+        hmoe_config, data=dataclasses.replace(hmoe_config.data, seq_len=16)), tmp_path / "x")
