@@ -1,12 +1,13 @@
 """Layer values against independent numpy computations: RMSNorm, rotary positions, causal attention, SwiGLU FFN."""
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hmoe.model.layers import CausalSelfAttention, DenseFeedForward, RMSNorm, apply_rotary, swiglu
+from hmoe.model.layers import CausalSelfAttention, DenseFeedForward, RMSNorm, apply_rotary, flat_dot, swiglu
 
 
 def _normal(seed, shape, scale=1.0):
@@ -154,11 +155,21 @@ def test_dense_feed_forward_matches_numpy_swiglu():
   np.testing.assert_allclose(np.asarray(jax.jit(module.apply)({"params": params}, x)), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_swiglu_with_an_expert_batch_pattern_applies_each_experts_own_weights():
-  # [G, E, C, D] inputs against [E, D, F] weights, the layout of the routed experts.
-  x = _normal(10, (2, 3, 4, 6))
+def test_swiglu_with_stacked_weights_applies_each_experts_own_weights_and_rejects_other_layouts():
+  # [E, S, D] inputs against [E, D, F] weights, the layout of the routed experts.
+  x = _normal(10, (3, 4, 6))
   gate, up, down = _normal(11, (3, 6, 5)), _normal(12, (3, 6, 5)), _normal(13, (3, 5, 6))
-  out = swiglu(*(jnp.asarray(a) for a in (x, gate, up, down)), pattern="gecd,edf->gecf")
-  expected = np.stack([
-      np.stack([(_silu_np(x[g, e] @ gate[e]) * (x[g, e] @ up[e])) @ down[e] for e in range(3)]) for g in range(2)])
+  out = swiglu(*(jnp.asarray(a) for a in (x, gate, up, down)))
+  expected = np.stack([(_silu_np(x[e] @ gate[e]) * (x[e] @ up[e])) @ down[e] for e in range(3)])
   np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match=r"x \[N, S, D\]"):
+    swiglu(jnp.asarray(x[None]), *(jnp.asarray(a) for a in (gate, up, down)))
+
+
+@pytest.mark.parametrize("x_shape, w_shape, num_contracting", [((2, 3, 4), (4, 5), 1), ((2, 3, 4, 5), (4, 5, 6), 2),
+                                                                ((3, 4), (4, 3, 2, 2), 1)])
+def test_flat_dot_is_tensordot(x_shape, w_shape, num_contracting):
+  x, w = _normal(20, x_shape), _normal(21, w_shape)
+  out = flat_dot(jnp.asarray(x), jnp.asarray(w), num_contracting)
+  chex.assert_shape(out, x_shape[:len(x_shape) - num_contracting] + w_shape[num_contracting:])
+  np.testing.assert_allclose(np.asarray(out), np.tensordot(x, w, num_contracting), rtol=1e-5, atol=1e-5)

@@ -6,6 +6,8 @@ Every parameter carries logical axis names (`embed`, `vocab`, `heads`, `kv`, `ml
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,17 +18,35 @@ SWIGLU_MATRICES = ("gate", "up", "down")
 _DEFAULT_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 
 
-def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, pattern: str) -> jax.Array:
-  """SwiGLU `(silu(x W_gate) * (x W_up)) W_down` (Shazeer 2020) for any batch layout.
+def flat_dot(x: jax.Array, w: jax.Array, num_contracting: int = 1) -> jax.Array:
+  """`jnp.tensordot(x, w, num_contracting)` as one 2-D matmul: x's last and w's first `num_contracting` axes are
+  contracted, every other axis of x is flattened into the rows.
 
-  `pattern` is the einsum of the input projection, e.g. "gecd,edf->gecf"; the output projection uses the same letters
-  with `d` and `f` swapped.
+  The weight gradient of `einsum("bld,df->blf")` contracts over both b and l, which XLA:CPU runs about 2x slower
+  than the `[rows, D]^T x [rows, F]` product of the flattened form (see `swiglu` for the measurements).
   """
-  inputs, output = pattern.split("->")
-  x_spec, w_spec = inputs.split(",")
-  down_pattern = f"{output},{w_spec.replace('d', '#').replace('f', 'd').replace('#', 'f')}->{x_spec}"
-  hidden = jax.nn.silu(jnp.einsum(pattern, x, w_gate)) * jnp.einsum(pattern, x, w_up)
-  return jnp.einsum(down_pattern, hidden, w_down)
+  contracted = math.prod(x.shape[x.ndim - num_contracting:])
+  out = x.reshape(-1, contracted) @ w.reshape(contracted, -1)
+  return out.reshape(*x.shape[:x.ndim - num_contracting], *w.shape[num_contracting:])
+
+
+def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
+  """SwiGLU `(silu(x W_gate) * (x W_up)) W_down` (Shazeer 2020) in one of two canonical layouts.
+
+  * weights [D, F] / [F, D]: x [..., D]; the leading axes are flattened into one `[rows, D]` matmul.
+  * weights [N, D, F] / [N, F, D] (stacked experts or per-block weights): x [N, S, D], one batched matmul.
+
+  Every product then has exactly one contracting axis, in the backward too. XLA:CPU runs a dot whose weight gradient
+  contracts over two axes (e.g. "bld,df->blf" summing over b and l) about 2x slower: forward + backward of a dense
+  SwiGLU at T=8192, D=256, F=2048 took 865 ms on [1, T, D] inputs and 401 ms on [T, D]; the stacked experts at E=16,
+  C=1280, F=1024 1,125 ms as "gnsd,ndf" with g=1 and 722 ms as "nsd,ndf".
+  """
+  if w_gate.ndim == 2:
+    return flat_dot(jax.nn.silu(flat_dot(x, w_gate)) * flat_dot(x, w_up), w_down)
+  if w_gate.ndim != 3 or x.ndim != 3 or x.shape[0] != w_gate.shape[0]:
+    raise ValueError(f"swiglu takes x [N, S, D] with weights [N, D, F], got x {x.shape} and weights {w_gate.shape}")
+  hidden = jax.nn.silu(jnp.einsum("nsd,ndf->nsf", x, w_gate)) * jnp.einsum("nsd,ndf->nsf", x, w_up)
+  return jnp.einsum("nsf,nfd->nsd", hidden, w_down)
 
 
 class RMSNorm(nn.Module):
@@ -85,14 +105,14 @@ class CausalSelfAttention(nn.Module):
         nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2),
         ("heads", "kv", "embed"))
     w_out = self.param("w_out", out_init, (self.num_heads, head_dim, width), jnp.float32)
-    qkv = jnp.einsum("bld,dtnh->tblnh", x_BxLxD, w_qkv.astype(self.dtype))
-    query, key, value = qkv[0], qkv[1], qkv[2]
+    qkv_BxLx3xNxH = flat_dot(x_BxLxD, w_qkv.astype(self.dtype))
+    query, key, value = (qkv_BxLx3xNxH[:, :, i] for i in range(3))
     query, key = apply_rotary(query, self.rope_base, positions_BxL), apply_rotary(key, self.rope_base, positions_BxL)
     if positions_BxL is None:
       attended_BxLxNxH = jax.nn.dot_product_attention(query, key, value, is_causal=True)
     else:
       attended_BxLxNxH = self._attend_cached(query, key, value, positions_BxL)
-    return jnp.einsum("blnh,nhd->bld", attended_BxLxNxH, w_out.astype(self.dtype))
+    return flat_dot(attended_BxLxNxH, w_out.astype(self.dtype), num_contracting=2)
 
   def _attend_cached(self, query, key, value, positions_BxL):
     batch, _, heads, head_dim = key.shape
@@ -121,4 +141,4 @@ class DenseFeedForward(nn.Module):
     w_gate = self.param("w_gate", in_init, (width, self.d_ff), jnp.float32)
     w_up = self.param("w_up", in_init, (width, self.d_ff), jnp.float32)
     w_down = self.param("w_down", out_init, (self.d_ff, width), jnp.float32)
-    return swiglu(x_BxLxD, *(w.astype(self.dtype) for w in (w_gate, w_up, w_down)), pattern="bld,df->blf")
+    return swiglu(x_BxLxD, *(w.astype(self.dtype) for w in (w_gate, w_up, w_down)))

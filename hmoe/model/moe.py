@@ -43,16 +43,18 @@ def sort_path_forward(x_GxTxD: jax.Array, route: RouterOutput, weights: Sequence
     plan = dispatch.map_groups(dispatch.plan_capacity, (0, None, None), route.expert_index, num_experts, capacity)
   with jax.named_scope("dispatch"):
     rows_GxRxD = dispatch.map_groups(dispatch.gather_rows, (0, 0), x_GxTxD, plan)
-  num_blocks = plan.block_expert.shape[-1]
-  rows_GxNxSxD = rows_GxRxD.reshape(rows_GxRxD.shape[0], num_blocks, -1, rows_GxRxD.shape[-1])
+  num_groups, num_blocks, width = rows_GxRxD.shape[0], plan.block_expert.shape[-1], rows_GxRxD.shape[-1]
+  rows_GxNxSxD = rows_GxRxD.reshape(num_groups, num_blocks, -1, width)
   with jax.named_scope("experts"):
     if dropless:
       # Each row block multiplies its own expert's weights: gather them per block.
-      block_weights = [w[plan.block_expert] for w in weights]
-      y_GxNxSxD = swiglu(rows_GxNxSxD, *block_weights, pattern="gnsd,gndf->gnsf")
+      block_weights = [w[plan.block_expert].reshape(-1, *w.shape[1:]) for w in weights]
+      y_GxNxSxD = swiglu(rows_GxNxSxD.reshape(num_groups * num_blocks, -1, width), *block_weights)
     else:
       rows_GxNxSxD = nn.with_logical_constraint(rows_GxNxSxD, ("batch", "expert", None, "embed"))
-      y_GxNxSxD = swiglu(rows_GxNxSxD, *weights, pattern="gnsd,ndf->gnsf")
+      # [E, G * C, D]: one contracting axis per product (see `swiglu`); a free reshape for the usual single group.
+      rows_NxGSxD = jnp.swapaxes(rows_GxNxSxD, 0, 1).reshape(num_blocks, -1, width)
+      y_GxNxSxD = jnp.swapaxes(swiglu(rows_NxGSxD, *weights).reshape(num_blocks, num_groups, -1, width), 0, 1)
   with jax.named_scope("combine"):
     y_GxRxD = y_GxNxSxD.reshape(rows_GxRxD.shape)
     y_GxTxD = dispatch.map_groups(dispatch.combine_rows, (0, 0, 0), y_GxRxD, plan, route.gates)
@@ -103,8 +105,10 @@ class MoEFeedForward(nn.Module):
     capacity = x_GxTxD.shape[1] if capacity is None else capacity
     dispatch_GxTxExC, combine_GxTxExC, kept = jax.vmap(dispatch.einsum_masks, in_axes=(0, 0, None, None))(
         route.expert_index, route.gates, self.config.num_experts, capacity)
-    x_GxExCxD = jnp.einsum("gtec,gtd->gecd", dispatch_GxTxExC.astype(self.dtype), x_GxTxD)
-    x_GxExCxD = nn.with_logical_constraint(x_GxExCxD, ("batch", "expert", None, "embed"))
-    y_GxExCxD = swiglu(x_GxExCxD, *weights, pattern="gecd,edf->gecf")
-    y_GxTxD = jnp.einsum("gtec,gecd->gtd", combine_GxTxExC.astype(self.dtype), y_GxExCxD)
+    # Expert-major buffers [E, G, C, D], so the experts run as one "nsd,ndf" product over G * C rows (`swiglu`).
+    x_ExGxCxD = jnp.einsum("gtec,gtd->egcd", dispatch_GxTxExC.astype(self.dtype), x_GxTxD)
+    x_ExGxCxD = nn.with_logical_constraint(x_ExGxCxD, ("expert", "batch", None, "embed"))
+    num_experts, num_groups, _, width = x_ExGxCxD.shape
+    y_ExGxCxD = swiglu(x_ExGxCxD.reshape(num_experts, -1, width), *weights).reshape(x_ExGxCxD.shape)
+    y_GxTxD = jnp.einsum("gtec,egcd->gtd", combine_GxTxExC.astype(self.dtype), y_ExGxCxD)
     return y_GxTxD, kept

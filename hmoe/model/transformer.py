@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from hmoe.config import ModelConfig
 from hmoe.model.ffn import ffn_layer
-from hmoe.model.layers import CausalSelfAttention, RMSNorm
+from hmoe.model.layers import CausalSelfAttention, RMSNorm, flat_dot
 from hmoe.routing.statistics import RoutingStats
 
 
@@ -79,12 +79,12 @@ class TransformerLM(nn.Module):
       return x_BxLxD, stats
     if cfg.tie_embeddings:
       # Tied output: |x| = sqrt(D) after the final norm and entries of E have std 1/sqrt(D), so logits start O(1).
-      logits_BxLxV = jnp.einsum("bld,vd->blv", x_BxLxD, embedding_VxD.astype(dtype))
+      logits_BxLxV = flat_dot(x_BxLxD, embedding_VxD.T.astype(dtype))
     else:
       unembed_DxV = self.param(
           "unembed", nn.with_logical_partitioning(nn.initializers.normal(stddev=cfg.d_model**-0.5), ("embed", "vocab")),
           (cfg.d_model, cfg.vocab_size), jnp.float32)
-      logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, unembed_DxV.astype(dtype))
+      logits_BxLxV = flat_dot(x_BxLxD, unembed_DxV.astype(dtype))
     return logits_BxLxV.astype(jnp.float32), stats
 
 

@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hmoe.model.layers import flat_dot
 from hmoe.routing.losses import load_balancing_loss, router_z_loss
 
 
@@ -79,7 +80,7 @@ def _route(module: nn.Module, x_GxTxD: jax.Array, kernel_shape: tuple[int, ...],
   kernel = module.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), kernel_axes),
                         kernel_shape, jnp.float32)
   flat_kernel_DxE = kernel.reshape(kernel.shape[0], -1)
-  logits = lambda x: jnp.einsum("gtd,de->gte", x, flat_kernel_DxE).reshape(*x.shape[:2], *kernel.shape[1:])
+  logits = lambda x: flat_dot(x, flat_kernel_DxE).reshape(*x.shape[:2], *kernel.shape[1:])
   route = jax.vmap(routing_fn)(logits(x_GxTxD))
   if not detach_aux_input:
     return route
