@@ -2,10 +2,11 @@
 
   python -m experiments.bench_train_step --config=experiments/configs/small.py --variants=dense,moe
 
-Each variant's jitted train step runs on synthetic tokens of the config's batch shape; warm-up excluded, median of
---repeats steps with `block_until_ready`. Reported as tokens/s, time relative to the first variant, and model FLOPs
-utilisation: `benchmark.train_flops_per_token` (6 x active parameters + attention) x tokens/s against one float32
-`[tokens, D] x [D, d_ff]` matmul timed in the same process (this machine's practical peak for such shapes).
+Each variant's jitted train step runs on synthetic tokens of the config's batch shape; warm-up excluded, the variants
+timed round-robin, median of --repeats steps with `block_until_ready`. Reported as tokens/s, time relative to the
+first variant, and model FLOPs utilisation: `benchmark.train_flops_per_token` (6 x active parameters + attention) x
+tokens/s against one float32 `[tokens, D] x [D, d_ff]` matmul timed in the same process (this machine's practical
+peak for such shapes).
 """
 
 import functools
@@ -16,10 +17,11 @@ from absl import app, flags
 
 from experiments.benchmark import (
   format_table,
+  interleaved_medians,
   load_variant_config,
-  matmul_gflops,
+  matmul_call,
   train_flops_per_token,
-  train_step_seconds,
+  train_step_call,
 )
 from hmoe.model.param_counts import parameter_counts
 from hmoe.model.transformer import TransformerLM
@@ -31,25 +33,30 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed steps per variant (median r
 
 def main(argv):
   del argv
+  configs = {variant: load_variant_config(_CONFIG.value, variant) for variant in _VARIANTS.value}
+  first = next(iter(configs.values()))
+  tokens = first.data.batch_size * first.data.seq_len
+  if any(c.data.batch_size * c.data.seq_len != tokens for c in configs.values()):
+    raise app.UsageError("the variants must train on batches of the same size")
+  # Every variant and the reference matmul timed round-robin (`benchmark.interleaved_medians`), so the machine's
+  # drift does not end up in the ratios.
+  calls = {"matmul": matmul_call(tokens, first.model.d_model, first.model.d_ff)}
+  calls.update({variant: train_step_call(config) for variant, config in configs.items()})
+  seconds = interleaved_medians(calls, repeats=_REPEATS.value)
+  peak = 2.0 * tokens * first.model.d_model * first.model.d_ff / seconds.pop("matmul") / 1e9
   rows = []
-  peak = None
-  for variant in _VARIANTS.value:
-    config = load_variant_config(_CONFIG.value, variant)
-    seconds = train_step_seconds(config, repeats=_REPEATS.value)
+  for variant, config in configs.items():
     shape = (config.data.batch_size, config.data.seq_len)
-    tokens = shape[0] * shape[1]
-    if peak is None:
-      peak = matmul_gflops(tokens, config.model.d_model, config.model.d_ff, repeats=_REPEATS.value)
     abstract = jax.eval_shape(functools.partial(TransformerLM(config.model).init, jax.random.PRNGKey(0)),
                               jnp.zeros(shape, jnp.int32))["params"]
     active = parameter_counts(abstract, config.model)["params_active"]
-    model_gflops = train_flops_per_token(active, config.model) * tokens / seconds / 1e9
-    rows.append({"variant": variant, "ms/step": seconds * 1e3, "tokens/s": tokens / seconds,
+    model_gflops = train_flops_per_token(active, config.model) * tokens / seconds[variant] / 1e9
+    rows.append({"variant": variant, "ms/step": seconds[variant] * 1e3, "tokens/s": tokens / seconds[variant],
                  "model GFLOP/s": model_gflops, "MFU vs matmul": model_gflops / peak})
   for row in rows:
     row["time vs " + rows[0]["variant"]] = row["ms/step"] / rows[0]["ms/step"]
-  print(f"\ntrain step, {_CONFIG.value}, {jax.devices()[0].platform}, median of {_REPEATS.value}; in-process "
-        f"matmul peak {peak:.0f} GFLOP/s\n")
+  print(f"\ntrain step, {_CONFIG.value}, {jax.devices()[0].platform}, median of {_REPEATS.value}, variants timed "
+        f"round-robin; in-process matmul peak {peak:.0f} GFLOP/s\n")
   print(format_table(rows, list(rows[0])))
 
 

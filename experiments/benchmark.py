@@ -36,6 +36,24 @@ def median_seconds(fn: Callable[..., Any], *args: Any, repeats: int = 5, warmup:
   return statistics.median(times)
 
 
+def interleaved_medians(calls: dict[str, Callable[[], Any]], repeats: int = 5, warmup: int = 1) -> dict[str, float]:
+  """Median wall time of each zero-argument call, timed round-robin: repeat r times every call once, in turn.
+
+  On a shared machine the speed drifts by tens of percent over minutes; timing the variants one after another puts
+  that drift into their ratios, interleaving spreads it over all of them alike.
+  """
+  for call in calls.values():
+    for _ in range(warmup):
+      jax.block_until_ready(call())
+  times = {name: [] for name in calls}
+  for _ in range(repeats):
+    for name, call in calls.items():
+      start = time.perf_counter()
+      jax.block_until_ready(call())
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(values) for name, values in times.items()}
+
+
 def ffn_flops(num_tokens: int, width: int, hidden: int, rows_per_token: float = 1.0) -> float:
   """Forward FLOPs of SwiGLU FFN matmuls over `rows_per_token * T` rows: 2 * rows * 3 * D * F (gate, up, down).
 
@@ -60,11 +78,17 @@ def train_flops_per_token(params_active: int, config: Any) -> float:
   return 6.0 * params_active + 6.0 * config.num_layers * config.d_model * config.max_len
 
 
-def matmul_gflops(rows: int, inner: int, cols: int, repeats: int = 5) -> float:
-  """Achieved GFLOP/s of one float32 `[rows, inner] x [inner, cols]` matmul on this machine (the in-process peak)."""
+def matmul_call(rows: int, inner: int, cols: int) -> Callable[[], jax.Array]:
+  """A jitted float32 `[rows, inner] x [inner, cols]` matmul as a zero-argument call (for `interleaved_medians`)."""
   a = jax.random.normal(jax.random.PRNGKey(0), (rows, inner))
   b = jax.random.normal(jax.random.PRNGKey(1), (inner, cols))
-  seconds = median_seconds(jax.jit(jnp.dot), a, b, repeats=repeats)
+  matmul = jax.jit(jnp.dot)
+  return lambda: matmul(a, b)
+
+
+def matmul_gflops(rows: int, inner: int, cols: int, repeats: int = 5) -> float:
+  """Achieved GFLOP/s of one float32 `[rows, inner] x [inner, cols]` matmul on this machine (the in-process peak)."""
+  seconds = median_seconds(matmul_call(rows, inner, cols), repeats=repeats)
   return 2.0 * rows * inner * cols / seconds / 1e9
 
 
@@ -89,8 +113,9 @@ def load_variant_config(path: str, variant: str) -> ExperimentConfig:
   return from_config_dict(module.get_config(variant))
 
 
-def layer_seconds(module: Any, x: jax.Array, *, backward: bool = False, repeats: int = 5, **kwargs: Any) -> float:
-  """Median time of a linen FFN layer's forward (or forward + backward w.r.t. params and input) on `x`."""
+def layer_call(module: Any, x: jax.Array, *, backward: bool = False, **kwargs: Any) -> Callable[[], Any]:
+  """A linen FFN layer's jitted forward (or forward + backward w.r.t. params and input) on `x`, as a zero-argument
+  call."""
   params = module.init(jax.random.PRNGKey(0), x, **kwargs)
 
   def forward(params, x):
@@ -101,11 +126,16 @@ def layer_seconds(module: Any, x: jax.Array, *, backward: bool = False, repeats:
     fn = jax.jit(jax.grad(lambda p, x: jnp.sum(forward(p, x)), argnums=(0, 1)))
   else:
     fn = jax.jit(forward)
-  return median_seconds(fn, params, x, repeats=repeats)
+  return lambda: fn(params, x)
 
 
-def train_step_seconds(config: ExperimentConfig, *, repeats: int = 5) -> float:
-  """Median time of one jitted train step (forward, backward, AdamW) of `config` on synthetic tokens."""
+def layer_seconds(module: Any, x: jax.Array, *, backward: bool = False, repeats: int = 5, **kwargs: Any) -> float:
+  """Median time of a linen FFN layer's forward (or forward + backward w.r.t. params and input) on `x`."""
+  return median_seconds(layer_call(module, x, backward=backward, **kwargs), repeats=repeats)
+
+
+def train_step_call(config: ExperimentConfig) -> Callable[[], Any]:
+  """One jitted train step (forward, backward, AdamW) of `config` on synthetic tokens, as a zero-argument call."""
   model, optimizer = TransformerLM(config.model), make_optimizer(config.train)
   state = jax.jit(functools.partial(init_train_state, model, optimizer, config))()
   rng = np.random.default_rng(0)
@@ -114,4 +144,9 @@ def train_step_seconds(config: ExperimentConfig, *, repeats: int = 5) -> float:
            "targets": rng.integers(0, config.model.vocab_size, shape, dtype=np.int32)}
   step_fn = jax.jit(functools.partial(train_step, model=model, optimizer=optimizer, config=config))
   # The state is not donated, so every timed call starts from the same state.
-  return median_seconds(lambda s, b: step_fn(s, b)[1]["loss"], state, batch, repeats=repeats)
+  return lambda: step_fn(state, batch)[1]["loss"]
+
+
+def train_step_seconds(config: ExperimentConfig, *, repeats: int = 5) -> float:
+  """Median time of one jitted train step (forward, backward, AdamW) of `config` on synthetic tokens."""
+  return median_seconds(train_step_call(config), repeats=repeats)

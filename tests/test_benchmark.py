@@ -3,7 +3,7 @@
 import jax
 import pytest
 
-from experiments.benchmark import ffn_flops, hmoe_flops, train_flops_per_token
+from experiments.benchmark import ffn_flops, hmoe_flops, interleaved_medians, train_flops_per_token
 from hmoe.config import MoEConfig
 from hmoe.model.layers import DenseFeedForward
 from hmoe.model.moe import MoEFeedForward
@@ -49,3 +49,11 @@ def test_hmoe_flops_count_one_base_product_per_slot_plus_the_factors():
 def test_train_flops_per_token_is_six_per_active_parameter_plus_causal_attention():
   config = tiny_config().model  # 2 layers, D=32, max_len=16.
   assert train_flops_per_token(1000, config) == 6 * 1000 + 6 * 2 * 32 * 16
+
+
+def test_interleaved_medians_times_every_call_round_robin_after_its_warmup():
+  order = []
+  calls = {name: (lambda name=name: order.append(name) or jax.numpy.zeros(())) for name in ("a", "b")}
+  medians = interleaved_medians(calls, repeats=3, warmup=1)
+  assert order == ["a", "b"] + ["a", "b"] * 3  # Warm-up of each, then alternating timed calls.
+  assert set(medians) == {"a", "b"} and all(seconds >= 0 for seconds in medians.values())
