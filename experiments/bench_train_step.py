@@ -42,7 +42,7 @@ def main(argv):
   # drift does not end up in the ratios.
   calls = {"matmul": matmul_call(tokens, first.model.d_model, first.model.d_ff)}
   calls.update({variant: train_step_call(config) for variant, config in configs.items()})
-  seconds = interleaved_medians(calls, repeats=_REPEATS.value)
+  seconds = interleaved_medians(calls, repeats=_REPEATS.value, rewarm=["matmul"])
   peak = 2.0 * tokens * first.model.d_model * first.model.d_ff / seconds.pop("matmul") / 1e9
   rows = []
   for variant, config in configs.items():

@@ -10,7 +10,7 @@ import importlib.util
 import pathlib
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import jax
@@ -36,11 +36,15 @@ def median_seconds(fn: Callable[..., Any], *args: Any, repeats: int = 5, warmup:
   return statistics.median(times)
 
 
-def interleaved_medians(calls: dict[str, Callable[[], Any]], repeats: int = 5, warmup: int = 1) -> dict[str, float]:
+def interleaved_medians(calls: dict[Any, Callable[[], Any]], repeats: int = 5, warmup: int = 1,
+                        rewarm: Collection[Any] = ()) -> dict[Any, float]:
   """Median wall time of each zero-argument call, timed round-robin: repeat r times every call once, in turn.
 
   On a shared machine the speed drifts by tens of percent over minutes; timing the variants one after another puts
-  that drift into their ratios, interleaving spreads it over all of them alike.
+  that drift into their ratios, interleaving spreads it over all of them alike. Calls named in `rewarm` run once more,
+  untimed, right before each timed call: a 48 ms reference matmul timed straight after a large layer measured
+  100-111 GFLOP/s instead of its steady 150-185 (its 64 MiB output lands on freshly mapped pages), and the reference
+  must be the machine's steady rate, not a slowed one that flatters every ratio against it.
   """
   for call in calls.values():
     for _ in range(warmup):
@@ -48,6 +52,8 @@ def interleaved_medians(calls: dict[str, Callable[[], Any]], repeats: int = 5, w
   times = {name: [] for name in calls}
   for _ in range(repeats):
     for name, call in calls.items():
+      if name in rewarm:
+        jax.block_until_ready(call())
       start = time.perf_counter()
       jax.block_until_ready(call())
       times[name].append(time.perf_counter() - start)

@@ -57,3 +57,6 @@ def test_interleaved_medians_times_every_call_round_robin_after_its_warmup():
   medians = interleaved_medians(calls, repeats=3, warmup=1)
   assert order == ["a", "b"] + ["a", "b"] * 3  # Warm-up of each, then alternating timed calls.
   assert set(medians) == {"a", "b"} and all(seconds >= 0 for seconds in medians.values())
+  order.clear()
+  interleaved_medians(calls, repeats=2, warmup=1, rewarm=["b"])
+  assert order == ["a", "b"] + ["a", "b", "b"] * 2  # "b" runs once untimed before each timed call.

@@ -243,3 +243,23 @@ def test_map_groups_matches_vmap_for_one_and_several_groups(num_groups):
   with pytest.raises(ValueError, match="at least one"):
     dispatch.map_groups(dispatch_and_gather, (None, None, None), expert_index, x, 3)
 
+
+
+def test_dropless_plan_gives_no_row_to_the_sentinel_index_and_sizes_the_buffer_by_max_rows():
+  num_experts, block_size = 4, 4
+  expert_index = jax.random.randint(jax.random.PRNGKey(2), (30, 2), 0, num_experts)
+  # The last 10 tokens need no rows (as the HMoE's empty cluster slots): index num_experts.
+  expert_index = expert_index.at[20:].set(num_experts)
+  plan = dispatch.plan_dropless(expert_index, num_experts, block_size, max_rows=40)
+  assert plan.num_rows == dispatch.dropless_num_blocks(30, num_experts, 2, block_size, max_rows=40) * block_size
+  assert plan.num_rows < dispatch.dropless_num_blocks(30, num_experts, 2, block_size) * block_size
+  expert_flat = np.asarray(expert_index.T.reshape(-1))
+  kept, rows = np.asarray(plan.kept), np.asarray(plan.row)
+  np.testing.assert_array_equal(kept, expert_flat < num_experts)
+  assert np.all(rows[~kept] == plan.num_rows) and len(np.unique(rows[kept])) == kept.sum()
+  assert rows[kept].max() < plan.num_rows
+  np.testing.assert_array_equal(np.asarray(plan.block_expert)[rows[kept] // block_size], expert_flat[kept])
+  x = jax.random.normal(jax.random.PRNGKey(3), (30, 3))
+  gates = jnp.ones((30, 2))
+  out = dispatch.combine_rows(dispatch.gather_rows(x, plan), plan, gates)
+  np.testing.assert_allclose(np.asarray(out), np.concatenate([2 * np.asarray(x[:20]), np.zeros((10, 3))]), atol=1e-6)

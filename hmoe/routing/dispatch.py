@@ -132,32 +132,40 @@ def plan_capacity(expert_index_TxK: jax.Array, num_experts: int, capacity: int) 
                       block_expert=jnp.arange(num_experts, dtype=jnp.int32))
 
 
-def dropless_num_blocks(num_tokens: int, num_experts: int, top_k: int, block_size: int) -> int:
-  """Static block count that fits any routing of `num_tokens * top_k` rows.
+def dropless_num_blocks(num_tokens: int, num_experts: int, top_k: int, block_size: int,
+                        max_rows: int | None = None) -> int:
+  """Static block count that fits any routing of `num_tokens * top_k` rows (or of at most `max_rows` of them).
 
   Only experts that got rows are padded, each by at most `block_size - 1` rows, and at most min(E, rows) experts get
   any: sum_e ceil(c_e / S) <= (rows + min(E, rows) (S - 1)) / S. At decode (a few rows) this is a block or two
   instead of E + 1 (with the bound `rows / S + E`, one decoded token at E=32 multiplied 33 blocks of 128 rows).
   """
-  rows = num_tokens * top_k
+  rows = num_tokens * top_k if max_rows is None else min(max_rows, num_tokens * top_k)
   return math.ceil((rows + min(num_experts, rows) * (block_size - 1)) / block_size)
 
 
-def plan_dropless(expert_index_TxK: jax.Array, num_experts: int, block_size: int) -> DispatchPlan:
-  """Rows sorted by expert, each expert's segment padded to a multiple of `block_size`; nothing dropped."""
+def plan_dropless(expert_index_TxK: jax.Array, num_experts: int, block_size: int,
+                  max_rows: int | None = None) -> DispatchPlan:
+  """Rows sorted by expert, each expert's segment padded to a multiple of `block_size`; nothing dropped.
+
+  An index equal to `num_experts` marks an assignment that needs no row (the HMoE's empty cluster slots): it is
+  reported as not kept, and `max_rows`, a static bound on the other assignments, sizes the buffer.
+  """
   num_tokens, top_k = expert_index_TxK.shape
   expert_flat = expert_index_TxK.T.reshape(-1)
-  rank, counts_E = _sorted_positions(expert_flat, num_experts)
+  rank, counts = _sorted_positions(expert_flat, num_experts + 1)
+  counts_E = counts[:num_experts]
   padded_E = -(-counts_E // block_size) * block_size
   padded_end_E = jnp.cumsum(padded_E)
-  row = (padded_end_E - padded_E)[expert_flat] + rank
-  num_blocks = dropless_num_blocks(num_tokens, num_experts, top_k, block_size)
+  num_blocks = dropless_num_blocks(num_tokens, num_experts, top_k, block_size, max_rows)
+  num_rows = num_blocks * block_size
+  kept = expert_flat < num_experts
+  row = jnp.where(kept, jnp.concatenate([padded_end_E - padded_E, jnp.zeros((1,), padded_E.dtype)])[expert_flat]
+                  + rank, num_rows)
   block_start = jnp.arange(num_blocks, dtype=jnp.int32) * block_size
   # Trailing blocks past the last expert hold only empty rows; clamping gives them a valid (unused) expert.
   block_expert = jnp.minimum(jnp.searchsorted(padded_end_E, block_start, side="right"), num_experts - 1)
-  num_rows = num_blocks * block_size
-  return DispatchPlan(row=row, kept=jnp.ones_like(row, dtype=bool),
-                      row_token=_row_tokens(row, num_rows, num_tokens, top_k),
+  return DispatchPlan(row=row, kept=kept, row_token=_row_tokens(row, num_rows, num_tokens, top_k),
                       block_expert=block_expert.astype(jnp.int32))
 
 
