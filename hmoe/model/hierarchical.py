@@ -97,7 +97,7 @@ def hmoe_group_forward(x_TxD: jax.Array, route: HierarchicalRouterOutput, bases:
     if factor_row_E is not None:
       slot_experts_SxKe = factor_row_E[slot_experts_SxKe]
     # Empty slots (capacity slack, block padding) take no stage-2 rows: at most Kc * T slots are filled, so the
-    # buffer is sized for Kc * T * Ke rows. At T=8192, G=4, M=8, capacity 1.25: 22,528 -> 18,432 rows in every F-wide op.
+    # buffer is sized for Kc * T * Ke rows. At T=8192, G=4, M=8, capacity 1.25: 22,528 -> 18,432 rows per F-wide op.
     filled_S = (slot_assignment < num_assignments)[:, None]
     plan2 = dispatch.plan_dropless(jnp.where(filled_S, slot_experts_SxKe, num_factor_rows), num_factor_rows,
                                    block_size, max_rows=num_assignments * top_ke)
