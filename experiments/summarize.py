@@ -7,7 +7,8 @@ training cross-entropy and expert-load CV over the last --tail_logs logged train
 training text at the end, and how evenly its routers spread the load). Runs whose workdir names differ only in a seed
 suffix (`_s1`, `_s2`; no suffix counts as seed 0, as in `experiments/jobs/*.txt`) form one group, printed as mean,
 sample standard deviation and the per-seed validation values, so a difference between two groups can be read against
-the seed-to-seed spread.
+the seed-to-seed spread. The last column counts, per routed layer, the experts with more than 1% of its load at the
+end of training (`experts_used`).
 """
 
 from __future__ import annotations
@@ -30,13 +31,30 @@ _COLUMNS = (("valid", None, "valid ppl"), ("test", None, "test ppl"),
             ("train_ce", "train/ce_loss", "final train CE"), ("load_cv", "train/load_cv", "final load CV"))
 
 
-def run_summary(rows: Sequence[Mapping[str, Any]], tail_logs: int) -> dict[str, float]:
-  """Final perplexities plus the training columns averaged over the last `tail_logs` rows logging them."""
+# An expert "is used" by a layer when it gets more than this share of the layer's assignments in the last window.
+USED_EXPERT_SHARE = 0.01
+
+
+def experts_used(rows: Sequence[Mapping[str, Any]]) -> list[int] | None:
+  """Per routed layer, the experts with more than `USED_EXPERT_SHARE` of its load in the last logged window (None for
+  runs without routed layers): how many experts each layer really uses, which a load CV alone does not show."""
+  loads = [row["train/expert_load"] for row in rows if "train/expert_load" in row]
+  if not loads:
+    return None
+  return [sum(share > USED_EXPERT_SHARE for share in layer) for layer in loads[-1]]
+
+
+def run_summary(rows: Sequence[Mapping[str, Any]], tail_logs: int) -> dict[str, Any]:
+  """Final perplexities plus the training columns averaged over the last `tail_logs` rows logging them, and the
+  experts each layer uses at the end (`experts_used`)."""
   summary = analysis.final_word_perplexities(rows)
   for column, key, _ in _COLUMNS:
     values = [row[key] for row in rows if key is not None and key in row][-tail_logs:]
     if values:
       summary[column] = statistics.fmean(values)
+  used = experts_used(rows)
+  if used is not None:
+    summary["experts_used"] = used
   return summary
 
 
@@ -56,6 +74,9 @@ def pool_seeds(summaries_by_run: Mapping[str, Mapping[str, float]]) -> list[dict
       if values:
         row[column] = {"mean": statistics.fmean(values), "values": values,
                        "std": statistics.stdev(values) if len(values) > 1 else float("nan")}
+    used = [by_seed[seed]["experts_used"] for seed in row["seeds"] if "experts_used" in by_seed[seed]]
+    if used:
+      row["experts_used"] = used
     rows.append(row)
   return rows
 
@@ -70,11 +91,14 @@ def _cell(row: Mapping, column: str, digits: int) -> str:
 
 def format_rows(rows: Sequence[Mapping]) -> str:
   headers = [header + (" (mean ± std)" if column in ("valid", "test") else "") for column, _, header in _COLUMNS]
-  lines = ["| group | seeds | " + " | ".join(headers) + " | valid per seed |", "|---" * (len(_COLUMNS) + 3) + "|"]
+  lines = ["| group | seeds | " + " | ".join(headers) + " | valid per seed | experts used per layer (per seed) |",
+           "|---" * (len(_COLUMNS) + 4) + "|"]
   for row in rows:
     cells = [_cell(row, column, 2 if column in ("valid", "test") else 3) for column, _, _ in _COLUMNS]
     per_seed = ", ".join(f"{v:.2f}" for v in row["valid"]["values"]) if "valid" in row else "-"
-    lines.append(f"| {row['group']} | {','.join(map(str, row['seeds']))} | {' | '.join(cells)} | {per_seed} |")
+    used = "; ".join("/".join(map(str, layers)) for layers in row.get("experts_used", [])) or "-"
+    lines.append(f"| {row['group']} | {','.join(map(str, row['seeds']))} | {' | '.join(cells)} | {per_seed} "
+                 f"| {used} |")
   return "\n".join(lines)
 
 

@@ -37,10 +37,21 @@ def test_pool_seeds_groups_repeats_with_mean_and_sample_std():
   assert moe["test"]["values"] == [120.0, 124.0]  # Seed 2 has no test number: left out, not counted as zero.
   assert math.isnan(dense["valid"]["std"])  # One seed has no spread.
   table = summarize.format_rows(rows)
-  assert "| moe | 0,1,2 | 132.00 ± 2.00 | 122.00 ± 2.83 | - | - | 130.00, 134.00, 132.00 |" in table
+  assert "| moe | 0,1,2 | 132.00 ± 2.00 | 122.00 ± 2.83 | - | - | 130.00, 134.00, 132.00 | - |" in table
   assert "| dense | 0 | 140.00 | 129.00 |" in table
 
 
 def test_pool_seeds_rejects_a_seed_given_twice():
   with pytest.raises(ValueError, match="repeats seed 0"):
     summarize.pool_seeds({"moe": {"valid": 1.0}, "moe_s0": {"valid": 2.0}})
+
+
+def test_experts_used_counts_each_layers_experts_above_one_percent_of_the_last_window():
+  rows = [{"step": 1, "train/expert_load": [[0.25] * 4, [0.25] * 4]},
+          {"step": 2, "train/expert_load": [[0.97, 0.02, 0.01, 0.0], [0.5, 0.5, 0.0, 0.0]]},
+          {"step": 3, "valid/word_perplexity": 200.0}]
+  summary = summarize.run_summary(rows, tail_logs=2)
+  assert summary["experts_used"] == [2, 2]  # Exactly 1% is not "more than 1%".
+  assert "experts_used" not in summarize.run_summary([{"step": 1, "valid/word_perplexity": 3.0}], tail_logs=1)
+  table = summarize.format_rows(summarize.pool_seeds({"moe": summary, "moe_s1": {**summary, "experts_used": [4, 1]}}))
+  assert table.splitlines()[-1].endswith("| 2/2; 4/1 |")
