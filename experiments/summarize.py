@@ -7,21 +7,29 @@ training cross-entropy and expert-load CV over the last --tail_logs logged train
 training text at the end, and how evenly its routers spread the load). Runs whose workdir names differ only in a seed
 suffix (`_s1`, `_s2`; no suffix counts as seed 0, as in `experiments/jobs/*.txt`) form one group, printed as mean,
 sample standard deviation and the per-seed validation values, so a difference between two groups can be read against
-the seed-to-seed spread. The last column counts, per routed layer, the experts with more than 1% of its load at the
-end of training (`experts_used`).
+the seed-to-seed spread. Further columns: the model's total / expert / active-per-token parameters (from the run's
+config.json), layer regroups adopted of those tried, and per routed layer the experts with more than 1% of its load at
+the end of training (`experts_used`).
 """
 
 from __future__ import annotations
 
+import functools
 import glob
+import json
 import pathlib
 import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 from absl import app, flags
 
 from experiments import analysis
+from hmoe.config import from_config_dict
+from hmoe.model.param_counts import parameter_counts
+from hmoe.model.transformer import TransformerLM
 from hmoe.train import metrics
 
 _RUNS = flags.DEFINE_list("runs", ["runs/*"], "Globs of run workdirs (each holding metrics.jsonl).")
@@ -44,6 +52,27 @@ def experts_used(rows: Sequence[Mapping[str, Any]]) -> list[int] | None:
   return [sum(share > USED_EXPERT_SHARE for share in layer) for layer in loads[-1]]
 
 
+def regroups_adopted(rows: Sequence[Mapping[str, Any]]) -> tuple[int, int] | None:
+  """(layer regroups adopted, layer regroups tried) over a run's regroup events; None if it never regrouped."""
+  events = [row["regroup/adopted"] for row in rows if "regroup/adopted" in row]
+  if not events:
+    return None
+  return sum(map(sum, events)), sum(map(len, events))
+
+
+def parameter_columns(workdir: pathlib.Path) -> dict[str, int]:
+  """Total, expert and active-per-token parameters of the model in a run's config.json ({} without one)."""
+  config_path = workdir / "config.json"
+  if not config_path.exists():
+    return {}
+  model = from_config_dict(json.loads(config_path.read_text())).model
+  abstract = jax.eval_shape(functools.partial(TransformerLM(model).init, jax.random.PRNGKey(0)),
+                            jnp.zeros((1, 8), jnp.int32))["params"]
+  counts = parameter_counts(abstract, model)
+  return {"params_total": counts["params_total"], "params_expert": counts["params_expert"],
+          "params_active": counts["params_active"]}
+
+
 def run_summary(rows: Sequence[Mapping[str, Any]], tail_logs: int) -> dict[str, Any]:
   """Final perplexities plus the training columns averaged over the last `tail_logs` rows logging them, and the
   experts each layer uses at the end (`experts_used`)."""
@@ -55,6 +84,9 @@ def run_summary(rows: Sequence[Mapping[str, Any]], tail_logs: int) -> dict[str, 
   used = experts_used(rows)
   if used is not None:
     summary["experts_used"] = used
+  adopted = regroups_adopted(rows)
+  if adopted is not None:
+    summary["regroups"] = adopted
   return summary
 
 
@@ -74,9 +106,13 @@ def pool_seeds(summaries_by_run: Mapping[str, Mapping[str, float]]) -> list[dict
       if values:
         row[column] = {"mean": statistics.fmean(values), "values": values,
                        "std": statistics.stdev(values) if len(values) > 1 else float("nan")}
-    used = [by_seed[seed]["experts_used"] for seed in row["seeds"] if "experts_used" in by_seed[seed]]
-    if used:
-      row["experts_used"] = used
+    for per_seed in ("experts_used", "regroups"):
+      values = [by_seed[seed][per_seed] for seed in row["seeds"] if per_seed in by_seed[seed]]
+      if values:
+        row[per_seed] = values
+    for name in ("params_total", "params_expert", "params_active"):  # The same model at every seed.
+      if name in by_seed[row["seeds"][0]]:
+        row[name] = by_seed[row["seeds"][0]][name]
     rows.append(row)
   return rows
 
@@ -89,16 +125,23 @@ def _cell(row: Mapping, column: str, digits: int) -> str:
   return mean if len(pooled["values"]) == 1 else f"{mean} ± {pooled['std']:.{digits}f}"
 
 
+def _millions(row: Mapping, name: str) -> str:
+  return f"{row[name] / 1e6:.2f}M" if name in row else "-"
+
+
 def format_rows(rows: Sequence[Mapping]) -> str:
   headers = [header + (" (mean ± std)" if column in ("valid", "test") else "") for column, _, header in _COLUMNS]
-  lines = ["| group | seeds | " + " | ".join(headers) + " | valid per seed | experts used per layer (per seed) |",
-           "|---" * (len(_COLUMNS) + 4) + "|"]
+  lines = ["| group | seeds | params total / expert / active | " + " | ".join(headers)
+           + " | valid per seed | regroups adopted (per seed) | experts used per layer (per seed) |",
+           "|---" * (len(_COLUMNS) + 6) + "|"]
   for row in rows:
     cells = [_cell(row, column, 2 if column in ("valid", "test") else 3) for column, _, _ in _COLUMNS]
+    params = " / ".join(_millions(row, name) for name in ("params_total", "params_expert", "params_active"))
     per_seed = ", ".join(f"{v:.2f}" for v in row["valid"]["values"]) if "valid" in row else "-"
+    regroups = "; ".join(f"{adopted}/{tried}" for adopted, tried in row.get("regroups", [])) or "-"
     used = "; ".join("/".join(map(str, layers)) for layers in row.get("experts_used", [])) or "-"
-    lines.append(f"| {row['group']} | {','.join(map(str, row['seeds']))} | {' | '.join(cells)} | {per_seed} "
-                 f"| {used} |")
+    lines.append(f"| {row['group']} | {','.join(map(str, row['seeds']))} | {params} | {' | '.join(cells)} "
+                 f"| {per_seed} | {regroups} | {used} |")
   return "\n".join(lines)
 
 
@@ -110,7 +153,7 @@ def main(argv):
     metrics_path = workdir / "metrics.jsonl"
     if not metrics_path.exists():
       continue
-    summary = run_summary(metrics.read_metrics(metrics_path), _TAIL_LOGS.value)
+    summary = {**run_summary(metrics.read_metrics(metrics_path), _TAIL_LOGS.value), **parameter_columns(workdir)}
     if "valid" in summary or "test" in summary:
       if workdir.name in summaries_by_run:
         raise app.UsageError(f"two matched workdirs are named {workdir.name!r}; narrow --runs")

@@ -1,10 +1,18 @@
 """Pooling of seed repeats in experiments/summarize.py (the tool behind README's multi-seed tables)."""
 
+import json
 import math
 
+import flax.linen as nn
+import jax.numpy as jnp
 import pytest
 
 from experiments import analysis, summarize
+from experiments.configs import tiny
+from hmoe.config import from_config_dict
+from hmoe.model.param_counts import parameter_counts
+from hmoe.model.transformer import TransformerLM
+from hmoe.testing import init_params
 
 
 def test_run_summary_takes_the_last_evaluation_and_averages_the_training_tail():
@@ -37,8 +45,8 @@ def test_pool_seeds_groups_repeats_with_mean_and_sample_std():
   assert moe["test"]["values"] == [120.0, 124.0]  # Seed 2 has no test number: left out, not counted as zero.
   assert math.isnan(dense["valid"]["std"])  # One seed has no spread.
   table = summarize.format_rows(rows)
-  assert "| moe | 0,1,2 | 132.00 ± 2.00 | 122.00 ± 2.83 | - | - | 130.00, 134.00, 132.00 | - |" in table
-  assert "| dense | 0 | 140.00 | 129.00 |" in table
+  assert "| moe | 0,1,2 | - / - / - | 132.00 ± 2.00 | 122.00 ± 2.83 | - | - | 130.00, 134.00, 132.00 | - | - |" in table
+  assert "| dense | 0 | - / - / - | 140.00 | 129.00 |" in table
 
 
 def test_pool_seeds_rejects_a_seed_given_twice():
@@ -49,9 +57,25 @@ def test_pool_seeds_rejects_a_seed_given_twice():
 def test_experts_used_counts_each_layers_experts_above_one_percent_of_the_last_window():
   rows = [{"step": 1, "train/expert_load": [[0.25] * 4, [0.25] * 4]},
           {"step": 2, "train/expert_load": [[0.97, 0.02, 0.01, 0.0], [0.5, 0.5, 0.0, 0.0]]},
+          {"step": 2, "regroup/adopted": [True, False]}, {"step": 3, "regroup/adopted": [True, True]},
           {"step": 3, "valid/word_perplexity": 200.0}]
   summary = summarize.run_summary(rows, tail_logs=2)
   assert summary["experts_used"] == [2, 2]  # Exactly 1% is not "more than 1%".
+  assert summary["regroups"] == (3, 4)
   assert "experts_used" not in summarize.run_summary([{"step": 1, "valid/word_perplexity": 3.0}], tail_logs=1)
-  table = summarize.format_rows(summarize.pool_seeds({"moe": summary, "moe_s1": {**summary, "experts_used": [4, 1]}}))
-  assert table.splitlines()[-1].endswith("| 2/2; 4/1 |")
+  table = summarize.format_rows(summarize.pool_seeds({"moe": {**summary, "params_total": 2_270_000},
+                                                      "moe_s1": {**summary, "experts_used": [4, 1]}}))
+  assert table.splitlines()[-1].endswith("| 3/4; 3/4 | 2/2; 4/1 |")
+  assert "| moe | 0,1 | 2.27M / - / - |" in table
+
+
+def test_parameter_columns_count_the_model_in_the_runs_config(tmp_path):
+  raw = tiny.get_config("moe").to_dict()
+  (tmp_path / "config.json").write_text(json.dumps(raw))
+  config = from_config_dict(raw)
+  expected = parameter_counts(nn.meta.unbox(init_params(TransformerLM(config.model),
+                                                        jnp.zeros((1, 8), jnp.int32))), config.model)
+  columns = summarize.parameter_columns(tmp_path)
+  assert columns == {name: expected[name] for name in ("params_total", "params_expert", "params_active")}
+  assert 0 < columns["params_expert"] < columns["params_total"]
+  assert summarize.parameter_columns(tmp_path / "missing") == {}
