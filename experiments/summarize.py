@@ -73,6 +73,17 @@ def parameter_columns(workdir: pathlib.Path) -> dict[str, int]:
           "params_active": counts["params_active"]}
 
 
+def finished(rows: Sequence[Mapping[str, Any]], workdir: pathlib.Path) -> bool:
+  """Whether a run evaluated at its config's last step (runs without config.json count as finished): an evaluation
+  at step 1000 of a 3000-step run is not a final perplexity."""
+  config_path = workdir / "config.json"
+  if not config_path.exists():
+    return True
+  num_steps = json.loads(config_path.read_text())["train"]["num_steps"]
+  return any(row.get("step", -1) >= num_steps and any(key.endswith("/word_perplexity") for key in row)
+             for row in rows)
+
+
 def run_summary(rows: Sequence[Mapping[str, Any]], tail_logs: int) -> dict[str, Any]:
   """Final perplexities plus the training columns averaged over the last `tail_logs` rows logging them, and the
   experts each layer uses at the end (`experts_used`)."""
@@ -153,7 +164,11 @@ def main(argv):
     metrics_path = workdir / "metrics.jsonl"
     if not metrics_path.exists():
       continue
-    summary = {**run_summary(metrics.read_metrics(metrics_path), _TAIL_LOGS.value), **parameter_columns(workdir)}
+    rows = metrics.read_metrics(metrics_path)
+    if not finished(rows, workdir):
+      print(f"skipping {workdir}: not trained to its config's train.num_steps yet")
+      continue
+    summary = {**run_summary(rows, _TAIL_LOGS.value), **parameter_columns(workdir)}
     if "valid" in summary or "test" in summary:
       if workdir.name in summaries_by_run:
         raise app.UsageError(f"two matched workdirs are named {workdir.name!r}; narrow --runs")

@@ -79,3 +79,11 @@ def test_parameter_columns_count_the_model_in_the_runs_config(tmp_path):
   assert columns == {name: expected[name] for name in ("params_total", "params_expert", "params_active")}
   assert 0 < columns["params_expert"] < columns["params_total"]
   assert summarize.parameter_columns(tmp_path / "missing") == {}
+
+
+def test_a_run_counts_as_finished_only_once_evaluated_at_its_last_step(tmp_path):
+  (tmp_path / "config.json").write_text(json.dumps({"train": {"num_steps": 30}}))
+  partial = [{"step": 10, "valid/word_perplexity": 500.0}, {"step": 30, "train/loss": 4.0}]
+  assert not summarize.finished(partial, tmp_path)
+  assert summarize.finished(partial + [{"step": 30, "valid/word_perplexity": 300.0}], tmp_path)
+  assert summarize.finished(partial, tmp_path / "no_config")
