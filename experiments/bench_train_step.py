@@ -9,10 +9,8 @@ tokens/s against one float32 `[tokens, D] x [D, d_ff]` matmul timed in the same 
 peak for such shapes).
 """
 
-import functools
 
 import jax
-import jax.numpy as jnp
 from absl import app, flags
 
 from experiments.benchmark import (
@@ -23,8 +21,7 @@ from experiments.benchmark import (
   train_flops_per_token,
   train_step_call,
 )
-from hmoe.model.param_counts import parameter_counts
-from hmoe.model.transformer import TransformerLM
+from hmoe.model.param_counts import model_parameter_counts
 
 _CONFIG = flags.DEFINE_string("config", "experiments/configs/small.py", "Config file with get_config(variant).")
 _VARIANTS = flags.DEFINE_list("variants", ["dense", "moe"], "Variants passed to get_config.")
@@ -46,10 +43,7 @@ def main(argv):
   peak = 2.0 * tokens * first.model.d_model * first.model.d_ff / seconds.pop("matmul") / 1e9
   rows = []
   for variant, config in configs.items():
-    shape = (config.data.batch_size, config.data.seq_len)
-    abstract = jax.eval_shape(functools.partial(TransformerLM(config.model).init, jax.random.PRNGKey(0)),
-                              jnp.zeros(shape, jnp.int32))["params"]
-    active = parameter_counts(abstract, config.model)["params_active"]
+    active = model_parameter_counts(config.model)["params_active"]
     model_gflops = train_flops_per_token(active, config.model) * tokens / seconds[variant] / 1e9
     rows.append({"variant": variant, "ms/step": seconds[variant] * 1e3, "tokens/s": tokens / seconds[variant],
                  "model GFLOP/s": model_gflops, "MFU vs matmul": model_gflops / peak})

@@ -92,12 +92,6 @@ def matmul_call(rows: int, inner: int, cols: int) -> Callable[[], jax.Array]:
   return lambda: matmul(a, b)
 
 
-def matmul_gflops(rows: int, inner: int, cols: int, repeats: int = 5) -> float:
-  """Achieved GFLOP/s of one float32 `[rows, inner] x [inner, cols]` matmul on this machine (the in-process peak)."""
-  seconds = median_seconds(matmul_call(rows, inner, cols), repeats=repeats)
-  return 2.0 * rows * inner * cols / seconds / 1e9
-
-
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
   """Markdown table of `rows` restricted to `columns` (floats with 3 significant decimals)."""
   def cell(value: Any) -> str:

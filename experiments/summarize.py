@@ -14,7 +14,6 @@ the end of training (`experts_used`).
 
 from __future__ import annotations
 
-import functools
 import glob
 import json
 import pathlib
@@ -22,14 +21,11 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 from absl import app, flags
 
 from experiments import analysis
-from hmoe.config import from_config_dict
-from hmoe.model.param_counts import parameter_counts
-from hmoe.model.transformer import TransformerLM
+from hmoe.config import ExperimentConfig, from_config_dict
+from hmoe.model.param_counts import model_parameter_counts
 from hmoe.train import metrics
 
 _RUNS = flags.DEFINE_list("runs", ["runs/*"], "Globs of run workdirs (each holding metrics.jsonl).")
@@ -60,28 +56,26 @@ def regroups_adopted(rows: Sequence[Mapping[str, Any]]) -> tuple[int, int] | Non
   return sum(map(sum, events)), sum(map(len, events))
 
 
-def parameter_columns(workdir: pathlib.Path) -> dict[str, int]:
-  """Total, expert and active-per-token parameters of the model in a run's config.json ({} without one)."""
-  config_path = workdir / "config.json"
-  if not config_path.exists():
+def parameter_columns(config: ExperimentConfig | None) -> dict[str, int]:
+  """Total, expert and active-per-token parameters of a run's model ({} for a run without config.json)."""
+  if config is None:
     return {}
-  model = from_config_dict(json.loads(config_path.read_text())).model
-  abstract = jax.eval_shape(functools.partial(TransformerLM(model).init, jax.random.PRNGKey(0)),
-                            jnp.zeros((1, 8), jnp.int32))["params"]
-  counts = parameter_counts(abstract, model)
-  return {"params_total": counts["params_total"], "params_expert": counts["params_expert"],
-          "params_active": counts["params_active"]}
+  counts = model_parameter_counts(config.model)
+  return {name: counts[name] for name in ("params_total", "params_expert", "params_active")}
 
 
-def finished(rows: Sequence[Mapping[str, Any]], workdir: pathlib.Path) -> bool:
+def finished(rows: Sequence[Mapping[str, Any]], config: ExperimentConfig | None) -> bool:
   """Whether a run evaluated at its config's last step (runs without config.json count as finished): an evaluation
   at step 1000 of a 3000-step run is not a final perplexity."""
-  config_path = workdir / "config.json"
-  if not config_path.exists():
+  if config is None:
     return True
-  num_steps = json.loads(config_path.read_text())["train"]["num_steps"]
-  return any(row.get("step", -1) >= num_steps and any(key.endswith("/word_perplexity") for key in row)
+  return any(row.get("step", -1) >= config.train.num_steps and any(key.endswith("/word_perplexity") for key in row)
              for row in rows)
+
+
+def read_config(workdir: pathlib.Path) -> ExperimentConfig | None:
+  config_path = workdir / "config.json"
+  return from_config_dict(json.loads(config_path.read_text())) if config_path.exists() else None
 
 
 def run_summary(rows: Sequence[Mapping[str, Any]], tail_logs: int) -> dict[str, Any]:
@@ -164,11 +158,11 @@ def main(argv):
     metrics_path = workdir / "metrics.jsonl"
     if not metrics_path.exists():
       continue
-    rows = metrics.read_metrics(metrics_path)
-    if not finished(rows, workdir):
+    rows, config = metrics.read_metrics(metrics_path), read_config(workdir)
+    if not finished(rows, config):
       print(f"skipping {workdir}: not trained to its config's train.num_steps yet")
       continue
-    summary = {**run_summary(rows, _TAIL_LOGS.value), **parameter_columns(workdir)}
+    summary = {**run_summary(rows, _TAIL_LOGS.value), **parameter_columns(config)}
     if "valid" in summary or "test" in summary:
       if workdir.name in summaries_by_run:
         raise app.UsageError(f"two matched workdirs are named {workdir.name!r}; narrow --runs")

@@ -14,10 +14,14 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
-# A persistent compilation cache, fresh for each test session: many tests build the same tiny models and steps as new
-# Python functions (so the in-memory jit cache misses), and an executable compiled once is reused from here. It never
-# changes a result: the cache is keyed by the compiled program.
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="hmoe_test_jax_cache_"))
+# A persistent compilation cache, fresh for each test session and shared by its pytest-xdist workers: many tests in
+# different files build the same tiny models and steps as new Python functions (so the in-memory jit cache misses),
+# and an executable compiled once, by either worker, is reused from here. It never changes a result: the cache is
+# keyed by the compiled program.
+_RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+_CACHE_DIR = (os.path.join(tempfile.gettempdir(), f"hmoe_test_jax_cache_{_RUN_ID}") if _RUN_ID
+              else tempfile.mkdtemp(prefix="hmoe_test_jax_cache_"))
+jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 

@@ -75,15 +75,19 @@ def test_parameter_columns_count_the_model_in_the_runs_config(tmp_path):
   config = from_config_dict(raw)
   expected = parameter_counts(nn.meta.unbox(init_params(TransformerLM(config.model),
                                                         jnp.zeros((1, 8), jnp.int32))), config.model)
-  columns = summarize.parameter_columns(tmp_path)
+  columns = summarize.parameter_columns(summarize.read_config(tmp_path))
   assert columns == {name: expected[name] for name in ("params_total", "params_expert", "params_active")}
   assert 0 < columns["params_expert"] < columns["params_total"]
-  assert summarize.parameter_columns(tmp_path / "missing") == {}
+  assert summarize.read_config(tmp_path / "missing") is None
+  assert summarize.parameter_columns(None) == {}
 
 
 def test_a_run_counts_as_finished_only_once_evaluated_at_its_last_step(tmp_path):
-  (tmp_path / "config.json").write_text(json.dumps({"train": {"num_steps": 30}}))
+  raw = tiny.get_config("moe").to_dict()
+  raw["train"]["num_steps"] = 30
+  (tmp_path / "config.json").write_text(json.dumps(raw))
+  config = summarize.read_config(tmp_path)
   partial = [{"step": 10, "valid/word_perplexity": 500.0}, {"step": 30, "train/loss": 4.0}]
-  assert not summarize.finished(partial, tmp_path)
-  assert summarize.finished(partial + [{"step": 30, "valid/word_perplexity": 300.0}], tmp_path)
-  assert summarize.finished(partial, tmp_path / "no_config")
+  assert not summarize.finished(partial, config)
+  assert summarize.finished(partial + [{"step": 30, "valid/word_perplexity": 300.0}], config)
+  assert summarize.finished(partial, summarize.read_config(tmp_path / "no_config"))

@@ -6,9 +6,11 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from hmoe.config import ModelConfig
+from hmoe.model.transformer import TransformerLM
 
 
 def parameter_counts(params: Any, config: ModelConfig) -> dict[str, int]:
@@ -33,3 +35,9 @@ def parameter_counts(params: Any, config: ModelConfig) -> dict[str, int]:
       active_expert += int(size * fraction)
   return {"params_total": total, "params_expert": expert, "params_active": total - expert + active_expert,
           "bytes_total_f32": 4 * total, "bytes_expert_f32": 4 * expert}
+
+
+def model_parameter_counts(config: ModelConfig) -> dict[str, int]:
+  """`parameter_counts` of a `TransformerLM(config)`, from its abstract parameter tree (nothing is allocated)."""
+  abstract = jax.eval_shape(lambda: TransformerLM(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
+  return parameter_counts(abstract["params"], config)
