@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hmoe.config import DataConfig, ExperimentConfig, ModelConfig, MoEConfig, TrainConfig
+from hmoe.train import state as state_lib
 
 
 def tiny_config(**model_overrides) -> ExperimentConfig:
@@ -41,6 +43,11 @@ def init_params(module: nn.Module, *args: Any, seed: int = 0, **kwargs: Any) -> 
   with an HMoE layer takes about 20 s on CPU; compiled, about one."""
   init = jax.jit(lambda key, *inputs: module.init(key, *inputs, **kwargs))
   return nn.meta.unbox(init(jax.random.PRNGKey(seed), *args)["params"])
+
+
+def init_train_state(model: nn.Module, optimizer: Any, config: ExperimentConfig) -> Any:
+  """`hmoe.train.state.init_train_state`, jitted: op by op it takes about 20 s for a tiny HMoE model on CPU."""
+  return jax.jit(functools.partial(state_lib.init_train_state, model, optimizer, config))()
 
 
 def random_layer_params(layer: nn.Module, x: jax.Array, seed: int,

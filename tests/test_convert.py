@@ -4,7 +4,6 @@ import dataclasses
 import json
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +15,7 @@ from hmoe.clustering import convert, pipeline
 from hmoe.config import from_config_dict
 from hmoe.model.transformer import TransformerLM
 from hmoe.routing.state import init_routing_state
-from hmoe.testing import dummy_batch, tiny_config
+from hmoe.testing import dummy_batch, init_params, tiny_config
 from hmoe.train.loop import train_and_evaluate
 
 
@@ -26,10 +25,14 @@ def _trained_like_moe(num_experts=8, expert_ff=16):
                        moe=dataclasses.replace(tiny_config().model.moe, num_experts=num_experts, expert_ff=expert_ff))
   model = TransformerLM(config.model)
   batch = dummy_batch(config)
-  params = model.init(jax.random.PRNGKey(0), batch["inputs"], train=False)["params"]
-  params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.PRNGKey(1), p.shape) * jnp.std(p),
-                        nn.meta.unbox(params))
+  params = init_params(model, batch["inputs"], train=False)
+  params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.PRNGKey(1), p.shape) * jnp.std(p), params)
   return config, params, batch
+
+
+def _logits(model_config, params, inputs):
+  """Eval-mode logits, compiled (op by op an HMoE forward takes over 10 s on CPU)."""
+  return jax.jit(lambda p, x: TransformerLM(model_config).apply({"params": p}, x, train=False)[0])(params, inputs)
 
 
 def test_one_cluster_full_rank_conversion_reproduces_the_moe_exactly():
@@ -37,8 +40,8 @@ def test_one_cluster_full_rank_conversion_reproduces_the_moe_exactly():
   config, params, batch = _trained_like_moe(num_experts=4, expert_ff=16)
   hmoe_model = convert.hmoe_model_config(config.model, num_clusters=1, rank=16)
   converted, _, info = convert.convert_moe_params(params, hmoe_model, jax.random.PRNGKey(0))
-  moe_logits, _ = TransformerLM(config.model).apply({"params": params}, batch["inputs"], train=False)
-  hmoe_logits, _ = TransformerLM(hmoe_model).apply({"params": converted}, batch["inputs"], train=False)
+  moe_logits, hmoe_logits = (_logits(model_config, p, batch["inputs"])
+                              for model_config, p in ((config.model, params), (hmoe_model, converted)))
   chex.assert_trees_all_close(hmoe_logits, moe_logits, atol=2e-4, rtol=2e-4)
   assert float(info["relative_error"][0]) < 1e-5
 

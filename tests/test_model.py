@@ -15,8 +15,8 @@ import pytest
 from hmoe.model.layers import CausalSelfAttention, DenseFeedForward, RMSNorm
 from hmoe.model.param_counts import parameter_counts
 from hmoe.model.transformer import Block, TransformerLM, cross_entropy
-from hmoe.testing import dummy_batch, tiny_config
-from hmoe.train import optimizer as optimizer_lib, state as state_lib, step as step_lib
+from hmoe.testing import dummy_batch, init_params, init_train_state, tiny_config
+from hmoe.train import optimizer as optimizer_lib, step as step_lib
 
 
 @functools.lru_cache
@@ -132,7 +132,7 @@ _GOLDEN_LOSS_AFTER = 3.840160  # After two updates on the same batch.
 def test_one_step_golden_regression():
   config = tiny_config()
   model, optimizer = TransformerLM(config.model), optimizer_lib.make_optimizer(config.train)
-  state = state_lib.init_train_state(model, optimizer, config)
+  state = init_train_state(model, optimizer, config)
   batch = dummy_batch(config)
   train_fn = jax.jit(functools.partial(step_lib.train_step, model=model, optimizer=optimizer, config=config))
   losses, grad_norms = [], []
@@ -149,7 +149,7 @@ def test_one_step_golden_regression():
 def test_shared_expert_adds_a_dense_ffn_beside_the_routed_one_and_counts_as_active():
   config = tiny_config(shared_expert_ff=24)
   batch = dummy_batch(config)
-  params = nn.meta.unbox(TransformerLM(config.model).init(jax.random.PRNGKey(0), batch["inputs"])["params"])
+  params = init_params(TransformerLM(config.model), batch["inputs"])
   assert "shared_expert" in params["block_1"] and "shared_expert" not in params["block_0"]  # block_0 is dense.
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, config.model.d_model))
   block_params = params["block_1"]
@@ -164,8 +164,7 @@ def test_shared_expert_adds_a_dense_ffn_beside_the_routed_one_and_counts_as_acti
   shared = DenseFeedForward(24).apply({"params": block_params["shared_expert"]}, normed)
   chex.assert_trees_all_close(with_shared, routed_only + shared, atol=1e-5)
   counts = parameter_counts(params, config.model)
-  plain = parameter_counts(nn.meta.unbox(TransformerLM(tiny_config().model).init(
-      jax.random.PRNGKey(0), batch["inputs"])["params"]), tiny_config().model)
+  plain = parameter_counts(init_params(TransformerLM(tiny_config().model), batch["inputs"]), tiny_config().model)
   shared_size = 3 * config.model.d_model * 24
   assert counts["params_expert"] == plain["params_expert"]
   assert counts["params_active"] == plain["params_active"] + shared_size
@@ -190,7 +189,7 @@ def test_dropout_is_training_only_and_keyed_by_the_step_rng():
   # Through the train step: the loss differs from the dropout-free model's and repeats exactly from the same state.
   def first_losses(cfg):
     lm, optimizer = TransformerLM(cfg.model), optimizer_lib.make_optimizer(cfg.train)
-    state = state_lib.init_train_state(lm, optimizer, cfg)
+    state = init_train_state(lm, optimizer, cfg)
     train_fn = jax.jit(functools.partial(step_lib.train_step, model=lm, optimizer=optimizer, config=cfg))
     return [float(train_fn(state, batch)[1]["ce_loss"]) for _ in range(2)]
 

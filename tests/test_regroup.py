@@ -14,11 +14,31 @@ from hmoe.clustering import pipeline, regroup
 from hmoe.clustering.state import init_cluster_state, update_statistics
 from hmoe.config import HMoEConfig
 from hmoe.model.transformer import TransformerLM
-from hmoe.testing import dummy_batch, tiny_config
-from hmoe.train import optimizer as optimizer_lib, state as state_lib, step as step_lib
+from hmoe.testing import dummy_batch, init_train_state, tiny_config
+from hmoe.train import optimizer as optimizer_lib, step as step_lib
 
 _E, _D = 8, 8
 _RESET = [f"{kind}_{name}" for kind in ("base", "u", "v") for name in ("gate", "up", "down")]
+
+
+def _config(rank, min_gain=0.01, alpha=0.6):
+  hmoe_cfg = HMoEConfig(num_experts=_E, num_clusters=2, rank=rank, top_k_clusters=1, top_k_experts=2, expert_ff=16,
+                        block_size=4, min_gain=min_gain, recluster_every=1, kmeans_iters=5, similarity_alpha=alpha,
+                        bias_update_rate=0.01)
+  return tiny_config(d_model=_D, num_heads=2, ffn_pattern="hmoe", hmoe=hmoe_cfg)
+
+
+@functools.cache
+def _trained(rank):
+  """Two real train steps per rank (non-trivial moments, then non-zero learning rate updates). The regroup settings
+  (min_gain, alpha) do not enter the forward pass, so the tests share one compiled train step per rank."""
+  config = _config(rank)
+  model, optimizer = TransformerLM(config.model), optimizer_lib.make_optimizer(config.train)
+  state = init_train_state(model, optimizer, config)
+  train_fn = jax.jit(functools.partial(step_lib.train_step, model=model, optimizer=optimizer, config=config))
+  for i in range(2):
+    state, _ = train_fn(state, dummy_batch(config, i))
+  return state, optimizer
 
 
 @functools.cache
@@ -28,15 +48,8 @@ def _setup(rank=3, min_gain=0.01, alpha=0.6):
   Layer 0's centroids pair even and odd experts (across the initial clusters {0..3}, {4..7}); layer 1's repeat the
   initial grouping, so with activation-only similarity layer 0 gains and layer 1 does not.
   """
-  hmoe_cfg = HMoEConfig(num_experts=_E, num_clusters=2, rank=rank, top_k_clusters=1, top_k_experts=2, expert_ff=16,
-                        block_size=4, min_gain=min_gain, recluster_every=1, kmeans_iters=5, similarity_alpha=alpha,
-                        bias_update_rate=0.01)
-  config = tiny_config(d_model=_D, num_heads=2, ffn_pattern="hmoe", hmoe=hmoe_cfg)
-  model, optimizer = TransformerLM(config.model), optimizer_lib.make_optimizer(config.train)
-  state = state_lib.init_train_state(model, optimizer, config)
-  train_fn = jax.jit(functools.partial(step_lib.train_step, model=model, optimizer=optimizer, config=config))
-  for i in range(2):  # Non-trivial moments, then non-zero learning rate updates.
-    state, _ = train_fn(state, dummy_batch(config, i))
+  config = _config(rank, min_gain, alpha)
+  state, optimizer = _trained(rank)
   direction = jax.random.normal(jax.random.PRNGKey(0), (_D,))
   parity = jnp.where(jnp.arange(_E) % 2 == 0, 1.0, -1.0)
   halves = jnp.where(jnp.arange(_E) < _E // 2, 1.0, -1.0)

@@ -20,7 +20,7 @@ from hmoe.config import HMoEConfig, MoEConfig, from_config_dict
 from hmoe.data import batching, wikitext as data
 from hmoe.model.transformer import TransformerLM
 from hmoe.routing.losses import update_balancing_bias
-from hmoe.testing import dummy_batch, tiny_config
+from hmoe.testing import dummy_batch, init_train_state, tiny_config
 from hmoe.train import checkpoint, metrics, optimizer as optimizer_lib, run_dir, state as state_lib, step as step_lib
 from hmoe.train.loop import train_and_evaluate
 
@@ -66,7 +66,7 @@ def straight(wikitext_dir, tmp_path_factory):
 def test_train_step_compiles_once():
   config = tiny_config()
   model, optimizer = TransformerLM(config.model), optimizer_lib.make_optimizer(config.train)
-  state = state_lib.init_train_state(model, optimizer, config)
+  state = init_train_state(model, optimizer, config)
   traced = chex.assert_max_traces(step_lib.train_step, n=1)
   train_fn = jax.jit(functools.partial(traced, model=model, optimizer=optimizer, config=config), donate_argnums=0)
   losses = []
@@ -165,7 +165,7 @@ def test_nan_stop_saves_the_last_good_state_and_resumes_with_a_saner_learning_ra
 def test_moe_selection_bias_steers_routing_and_moves_against_load():
   config = tiny_config(moe=MoEConfig(num_experts=4, top_k=2, expert_ff=32, bias_update_rate=0.01))
   model, optimizer = TransformerLM(config.model), optimizer_lib.make_optimizer(config.train)
-  state = state_lib.init_train_state(model, optimizer, config)
+  state = init_train_state(model, optimizer, config)
   chex.assert_shape(state.routing_state.selection_bias, (1, 4))  # One standard MoE layer ("dense,moe").
   # A large bias on expert 3 puts it among every token's two choices: the bias reaches the router.
   state = state.replace(routing_state=state.routing_state.replace(selection_bias=jnp.array([[0.0, 0.0, 0.0, 10.0]])))
@@ -179,7 +179,7 @@ def test_moe_selection_bias_steers_routing_and_moves_against_load():
   assert float(new_state.routing_state.selection_bias[0, 3]) == pytest.approx(10.0 - 0.01)
   # Off by default: no state to carry.
   plain = tiny_config()
-  assert state_lib.init_train_state(TransformerLM(plain.model), optimizer, plain).routing_state.selection_bias is None
+  assert init_train_state(TransformerLM(plain.model), optimizer, plain).routing_state.selection_bias is None
 
 
 def test_auxiliary_losses_enter_the_loss_with_their_weights_summed_over_layers():
@@ -187,7 +187,7 @@ def test_auxiliary_losses_enter_the_loss_with_their_weights_summed_over_layers()
                     cluster_balance_loss_weight=0.25, z_loss_weight=0.125)
   config = tiny_config(ffn_pattern="hmoe", hmoe=hmoe)  # Two routed layers: a sum, not a mean, over layers.
   model, optimizer = TransformerLM(config.model), optimizer_lib.make_optimizer(config.train)
-  state = state_lib.init_train_state(model, optimizer, config)
+  state = init_train_state(model, optimizer, config)
   batch = dummy_batch(config)
   _, step_metrics = jax.jit(functools.partial(step_lib.train_step, model=model, optimizer=optimizer,
                                               config=config))(state, batch)
@@ -204,7 +204,7 @@ def test_nan_guard_freezes_state_including_the_routing_state():
   hmoe = HMoEConfig(num_experts=4, num_clusters=2, rank=2, expert_ff=16, block_size=8, bias_update_rate=0.01)
   config = tiny_config(ffn_pattern="dense,hmoe", hmoe=hmoe)
   model, optimizer = TransformerLM(config.model), optimizer_lib.make_optimizer(config.train)
-  state = state_lib.init_train_state(model, optimizer, config)
+  state = init_train_state(model, optimizer, config)
   train_fn = jax.jit(functools.partial(step_lib.train_step, model=model, optimizer=optimizer, config=config))
   state, _ = train_fn(state, dummy_batch(config))
   assert float(jnp.max(jnp.abs(state.routing_state.clusters.centroid))) > 0  # Statistics were being gathered.
