@@ -30,9 +30,11 @@ from hmoe.train import metrics
 
 _RUNS = flags.DEFINE_list("runs", ["runs/*"], "Globs of run workdirs (each holding metrics.jsonl).")
 _TAIL_LOGS = flags.DEFINE_integer("tail_logs", 6, "Logged training windows averaged for train CE and load CV.")
-# Column key, metrics.jsonl key of the training columns (None: a final perplexity), header.
+# Column key, metrics.jsonl key of the columns averaged over the last logged windows (None: computed per run), header.
 _COLUMNS = (("valid", None, "valid ppl"), ("test", None, "test ppl"),
-            ("train_ce", "train/ce_loss", "final train CE"), ("load_cv", "train/load_cv", "final load CV"))
+            ("train_ce", "train/ce_loss", "final train CE"), ("load_cv", "train/load_cv", "final load CV"),
+            ("train_minutes", None, "train minutes"))
+_DIGITS = {"valid": 2, "test": 2, "train_minutes": 1}
 
 
 # An expert "is used" by a layer when it gets more than this share of the layer's assignments in the last window.
@@ -71,6 +73,22 @@ def finished(rows: Sequence[Mapping[str, Any]], config: ExperimentConfig | None)
     return True
   return any(row.get("step", -1) >= config.train.num_steps and any(key.endswith("/word_perplexity") for key in row)
              for row in rows)
+
+
+def train_minutes(rows: Sequence[Mapping[str, Any]], config: ExperimentConfig | None) -> float | None:
+  """Time spent in training steps (evaluations excluded), from each logged window's tokens/s: the wall time a run
+  took on its machine, including any sharing of the cores."""
+  if config is None:
+    return None
+  tokens_per_step = config.data.batch_size * config.data.seq_len
+  seconds, last_step = 0.0, 0
+  for row in rows:
+    if "train/tokens_per_second" in row:
+      # A window is at most log_every steps: an upcycled run's first one starts at its hand-over step, not at 0.
+      steps = min(row["step"] - last_step, config.train.log_every)
+      seconds += steps * tokens_per_step / row["train/tokens_per_second"]
+      last_step = row["step"]
+  return seconds / 60 if seconds else None
 
 
 def read_config(workdir: pathlib.Path) -> ExperimentConfig | None:
@@ -140,7 +158,7 @@ def format_rows(rows: Sequence[Mapping]) -> str:
            + " | valid per seed | regroups adopted (per seed) | experts used per layer (per seed) |",
            "|---" * (len(_COLUMNS) + 6) + "|"]
   for row in rows:
-    cells = [_cell(row, column, 2 if column in ("valid", "test") else 3) for column, _, _ in _COLUMNS]
+    cells = [_cell(row, column, _DIGITS.get(column, 3)) for column, _, _ in _COLUMNS]
     params = " / ".join(_millions(row, name) for name in ("params_total", "params_expert", "params_active"))
     per_seed = ", ".join(f"{v:.2f}" for v in row["valid"]["values"]) if "valid" in row else "-"
     regroups = "; ".join(f"{adopted}/{tried}" for adopted, tried in row.get("regroups", [])) or "-"
@@ -163,6 +181,9 @@ def main(argv):
       print(f"skipping {workdir}: not trained to its config's train.num_steps yet")
       continue
     summary = {**run_summary(rows, _TAIL_LOGS.value), **parameter_columns(config)}
+    minutes = train_minutes(rows, config)
+    if minutes is not None:
+      summary["train_minutes"] = minutes
     if "valid" in summary or "test" in summary:
       if workdir.name in summaries_by_run:
         raise app.UsageError(f"two matched workdirs are named {workdir.name!r}; narrow --runs")

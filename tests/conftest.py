@@ -7,9 +7,9 @@ import tempfile
 # Must happen before JAX initialises its backends; subprocesses (CLI and notebook tests) inherit them.
 # - 8 fake CPU devices for the sharding and expert-parallel tests.
 # - LLVM at -O0: the suite's time is mostly XLA compiling hundreds of tiny programs whose run time is negligible, and
-#   LLVM's optimisation passes are half of that compile time (the four heaviest test files: 702 -> 514 s). It changes
-#   code generation only, not the programs' semantics; goldens keep their tolerances and exactness checks compare two
-#   runs compiled the same way.
+#   LLVM's optimisation passes are half of that compile time (the four heaviest test files, each run beside the same
+#   two training jobs: 702 -> 514 s). It changes code generation only, not the programs' semantics; goldens keep their
+#   tolerances and exactness checks compare two runs compiled the same way.
 _TEST_XLA_FLAGS = ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0")
 _flags = os.environ.get("XLA_FLAGS", "").split()
 _given = {flag.split("=")[0] for flag in _flags}

@@ -45,7 +45,8 @@ def test_pool_seeds_groups_repeats_with_mean_and_sample_std():
   assert moe["test"]["values"] == [120.0, 124.0]  # Seed 2 has no test number: left out, not counted as zero.
   assert math.isnan(dense["valid"]["std"])  # One seed has no spread.
   table = summarize.format_rows(rows)
-  assert "| moe | 0,1,2 | - / - / - | 132.00 ± 2.00 | 122.00 ± 2.83 | - | - | 130.00, 134.00, 132.00 | - | - |" in table
+  assert ("| moe | 0,1,2 | - / - / - | 132.00 ± 2.00 | 122.00 ± 2.83 | - | - | - | 130.00, 134.00, 132.00 | - | - |"
+          in table)
   assert "| dense | 0 | - / - / - | 140.00 | 129.00 |" in table
 
 
@@ -91,3 +92,21 @@ def test_a_run_counts_as_finished_only_once_evaluated_at_its_last_step(tmp_path)
   assert not summarize.finished(partial, config)
   assert summarize.finished(partial + [{"step": 30, "valid/word_perplexity": 300.0}], config)
   assert summarize.finished(partial, summarize.read_config(tmp_path / "no_config"))
+
+
+def test_train_minutes_add_up_each_logged_windows_steps_at_its_tokens_per_second(tmp_path):
+  raw = tiny.get_config("moe").to_dict()
+  raw["data"].update(batch_size=4, seq_len=16)  # 64 tokens per step.
+  raw["train"]["log_every"] = 20
+  (tmp_path / "config.json").write_text(json.dumps(raw))
+  config = summarize.read_config(tmp_path)
+  rows = [{"step": 0, "model/params_total": 1}, {"step": 10, "train/tokens_per_second": 64.0},
+          {"step": 10, "valid/word_perplexity": 9.0}, {"step": 30, "train/tokens_per_second": 32.0}]
+  assert math.isclose(summarize.train_minutes(rows, config), (10 * 1.0 + 20 * 2.0) / 60)
+  assert summarize.train_minutes(rows[:1], config) is None and summarize.train_minutes(rows, None) is None
+  raw["train"]["log_every"] = 10  # An upcycled run: its first window ends at step 510 but holds 10 steps.
+  (tmp_path / "config.json").write_text(json.dumps(raw))
+  upcycled = [{"step": 510, "train/tokens_per_second": 64.0}]
+  assert math.isclose(summarize.train_minutes(upcycled, summarize.read_config(tmp_path)), 10 / 60)
+  table = summarize.format_rows(summarize.pool_seeds({"moe": {"valid": 5.0, "train_minutes": 12.34}}))
+  assert "| 5.00 | - | - | - | 12.3 |" in table
