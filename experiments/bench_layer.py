@@ -11,8 +11,10 @@ median of --repeats calls with `block_until_ready`. Ratios are
 relative to the dense SwiGLU FFN whose hidden width is top_k * expert_ff (the same active FLOPs per token). Every row
 also gives its achieved rate of *useful* FLOPs (`benchmark.ffn_flops` / `hmoe_flops`; x3 for forward + backward, the
 usual count) and that rate as a fraction of one `[T, D] x [D, K F]` float32 matmul timed in the same process: the
-distance to this machine's limit. `einsum_gN` is the GShard one-hot einsum with routing groups of N tokens (as GShard
-runs it: the one-hot dispatch costs O(T E C D) with C proportional to the group size), `einsum` one group of all T.
+distance to this machine's limit; "dropped" is the fraction of assignments over capacity on this input (routers at
+initialisation, so close to uniform routing: the drops the group size alone causes). `einsum_gN` is the GShard
+one-hot einsum with routing groups of N tokens (as GShard runs it: the one-hot dispatch costs O(T E C D) with C
+proportional to the group size, so smaller groups are cheaper and drop more), `einsum` one group of all T.
 """
 
 import jax
@@ -52,6 +54,14 @@ def _layer(path: str, num_experts: int, num_tokens: int, hidden: int):
                                   dispatch="einsum" if path == "einsum" else "sort", dropless=path == "dropless"))
 
 
+def _dropped_fraction(module, x: jax.Array) -> float:
+  """Fraction of this input's (token, expert) assignments dropped for capacity, with the parameters `layer_call`
+  initialises (seed 0): smaller routing groups make the einsum path cheaper but drop more."""
+  params = jax.jit(lambda x: module.init(jax.random.PRNGKey(0), x, train=True))(x)
+  stats = jax.jit(lambda p, x: module.apply(p, x, train=True)[1])(params, x)
+  return float(stats.num_dropped) / max(1, int(stats.num_assignments))
+
+
 def _label_and_flops(path: str, num_tokens: int, width: int, hidden: int) -> tuple[str, float]:
   if path.startswith("hmoe"):
     return (f"HMoE M={path[len('hmoe'):]} R={_RANK.value}",
@@ -64,7 +74,8 @@ def main(argv):
   rows = []
   width, top_k = _D_MODEL.value, _TOP_K.value
   passes = 3 if _BACKWARD.value else 1
-  columns = ["tokens", "F", "experts", "variant", "ms", "tokens/s", "time vs dense", "GFLOP/s", "of matmul"]
+  columns = ["tokens", "F", "experts", "variant", "ms", "tokens/s", "time vs dense", "GFLOP/s", "of matmul",
+             "dropped"]
   for num_tokens in map(int, _TOKENS.value):
     x = jax.random.normal(jax.random.PRNGKey(1), (1, num_tokens, width))
     for hidden in map(int, _EXPERT_FF.value):
@@ -73,11 +84,13 @@ def main(argv):
                                                                                           top_k * hidden),
                   ("-", "dense FFN", ffn_flops(num_tokens, width, top_k * hidden)):
                       layer_call(DenseFeedForward(top_k * hidden), x, backward=_BACKWARD.value)}
+      dropped = {}
       for num_experts in map(int, _EXPERTS.value):
         for path in _PATHS.value:
           label, flops = _label_and_flops(path, num_tokens, width, hidden)
-          variants[(num_experts, label, flops)] = layer_call(_layer(path, num_experts, num_tokens, hidden), x,
-                                                             backward=_BACKWARD.value, train=True)
+          layer = _layer(path, num_experts, num_tokens, hidden)
+          variants[(num_experts, label, flops)] = layer_call(layer, x, backward=_BACKWARD.value, train=True)
+          dropped[(num_experts, label, flops)] = _dropped_fraction(layer, x)
       reference = next(iter(variants))
       seconds = interleaved_medians(variants, repeats=_REPEATS.value, rewarm=[reference])
       matmul_flops, matmul_s = reference[2], seconds[reference]
@@ -89,7 +102,7 @@ def main(argv):
         rate = passes * flops / variant_s / 1e9
         rows.append({"tokens": num_tokens, "F": hidden, "experts": experts, "variant": label, "ms": variant_s * 1e3,
                      "tokens/s": num_tokens / variant_s, "time vs dense": variant_s / dense_s, "GFLOP/s": rate,
-                     "of matmul": rate / peak})
+                     "of matmul": rate / peak, "dropped": dropped.get((experts, label, flops))})
       print(format_table(rows[-len(variants):], columns), flush=True)
   mode = "forward+backward" if _BACKWARD.value else "forward"
   print(f"\n{mode}, D={_D_MODEL.value}, top-{_TOP_K.value}, capacity factor 1.25, "

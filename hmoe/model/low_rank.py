@@ -1,0 +1,76 @@
+"""The widening low-rank product of the HMoE's stage-2 rows, written for XLA:CPU's fusion.
+
+Rows come in blocks of one expert each (`dispatch.plan_dropless`): block n belongs to expert `blocks[n]`, and every
+product multiplies a block's rows with that expert's factor. The residual rank R is small (4-32), which makes these
+products memory-bound: the batched `einsum("nsr,nrf->nsf")` that widens R-wide rows to F ran at 13 GFLOP/s on the
+2-core CPU (T=8192, 288 blocks of 64 rows, R=16, F=1024: 45 ms, where one F-wide elementwise pass takes 18 ms), and
+the ablation R=16 -> R=1 made the whole HMoE layer's forward + backward 1.6x faster
+(`python -m experiments.profile_layer --kind=hmoe`; docs/speed.md).
+
+`widen(p, v, blocks)` computes `[N, S, R] x v[blocks] [N, R, F] -> [N, S, F]` as R unrolled multiply-adds: an
+elementwise loop that XLA fuses with the base product added to it. Measured alone, with that add: 24 ms against the
+batched dot's 45 ms (the F-wide pass alone: 18 ms). In the layer it gains less (3-5%, `hierarchical.py`).
+
+Its VJP is custom: autodiff of the unrolled form materialises R F-wide partial sums (forward + backward 9x slower
+than the dot's). The input gradient is the batched dot over F (a narrowing product, which XLA:CPU runs well), and the
+weight gradient sums each block's `[R, F]` outer product into its expert with a one-hot matmul over the N blocks
+instead of the scatter-add that the gather's transpose would be (XLA runs those serially on CPU).
+
+Tried and left out: the narrowing product `[N, S, F] x u[blocks] -> [N, S, R]` in the same unrolled style for its
+input gradient: the layer got 7-13% slower.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _widen(p_NxSxR: jax.Array, v_NxRxO: jax.Array) -> jax.Array:
+  """`einsum("nsr,nro->nso")` unrolled over the small R, so it stays one elementwise loop."""
+  out = p_NxSxR[..., 0:1] * v_NxRxO[:, None, 0]
+  for r in range(1, p_NxSxR.shape[-1]):
+    out = out + p_NxSxR[..., r:r + 1] * v_NxRxO[:, None, r]
+  return out
+
+
+def _sum_blocks_into_experts(per_block_NxAxB: jax.Array, blocks_N: jax.Array, num_experts: int) -> jax.Array:
+  """`segment_sum` over blocks of the same expert, as a `[E, N] x [N, A B]` one-hot matmul (a dot, not a scatter)."""
+  one_hot_ExN = (blocks_N[None, :] == jnp.arange(num_experts)[:, None]).astype(per_block_NxAxB.dtype)
+  num_blocks = per_block_NxAxB.shape[0]
+  return (one_hot_ExN @ per_block_NxAxB.reshape(num_blocks, -1)).reshape(num_experts, *per_block_NxAxB.shape[1:])
+
+
+def _varying_axes(x: jax.Array) -> frozenset:
+  """The manual mesh axes x varies over inside `shard_map` (none outside); the attribute moved between JAX versions."""
+  aval = jax.typeof(x)
+  manual = getattr(aval, "manual_axis_type", None)
+  return frozenset(manual.varying) if manual is not None else frozenset(getattr(aval, "vma", ()))
+
+
+def _sum_to_type_of(grad: jax.Array, primal: jax.Array) -> jax.Array:
+  """Inside `shard_map` a cotangent can vary over more mesh axes than its primal (the output gradient varies over
+  data and expert, the factors over expert only): the primal's gradient is then the sum over the extra axes."""
+  extra = tuple(sorted(_varying_axes(grad) - _varying_axes(primal)))
+  return jax.lax.psum(grad, extra) if extra else grad
+
+
+@jax.custom_vjp
+def widen(p_NxSxR: jax.Array, v_ExRxO: jax.Array, blocks_N: jax.Array) -> jax.Array:
+  """Rows [N, S, R] of block n times `v_ExRxO[blocks_N[n]]`: [N, S, O]."""
+  return _widen(p_NxSxR, v_ExRxO[blocks_N])
+
+
+def _widen_fwd(p_NxSxR, v_ExRxO, blocks_N):
+  return widen(p_NxSxR, v_ExRxO, blocks_N), (p_NxSxR, v_ExRxO, blocks_N)
+
+
+def _widen_bwd(residuals, d_out_NxSxO):
+  p_NxSxR, v_ExRxO, blocks_N = residuals
+  d_p = jnp.einsum("nso,nro->nsr", d_out_NxSxO, v_ExRxO[blocks_N])
+  d_v_per_block = jnp.einsum("nsr,nso->nro", p_NxSxR, d_out_NxSxO)
+  d_v = _sum_blocks_into_experts(d_v_per_block, blocks_N, v_ExRxO.shape[0])
+  return _sum_to_type_of(d_p, p_NxSxR), _sum_to_type_of(d_v, v_ExRxO), None
+
+
+widen.defvjp(_widen_fwd, _widen_bwd)
