@@ -225,10 +225,15 @@ def _combine_bwd(residuals, d_out_TxD):
   num_rows = y_RxD.shape[0]
   # The weight of the assignment in each row (0 for empty rows): a scatter of K * T scalars, not of rows.
   weight_R = jnp.zeros((num_rows + 1,), weights_KxT.dtype).at[row_KT].set(weights_KxT.reshape(-1))[:num_rows]
-  d_y_RxD = _pad_row(d_out_TxD)[row_token_R] * weight_R[:, None].astype(d_out_TxD.dtype)
+  d_out_RxD = _pad_row(d_out_TxD)[row_token_R]
+  d_y_RxD = d_out_RxD * weight_R[:, None].astype(d_out_TxD.dtype)
   top_k, num_tokens = weights_KxT.shape
-  y_KxTxD = _pad_row(y_RxD)[row_KT].reshape(top_k, num_tokens, -1)
-  d_weights_KxT = jnp.einsum("ktd,td->kt", y_KxTxD, d_out_TxD).astype(weights_KxT.dtype)
+  # The gate gradient <y_row, d_out_token> is reduced in row order, from the rows just gathered for d_y, and only
+  # the scalars move to (k, t) order (dropped assignments read the zero pad). Gathering y into [K, T, D] for an
+  # einsum("ktd,td->kt") made XLA:CPU run a batched matrix-vector product over T after a transpose copy: the HMoE
+  # layer (E=32, M=8, F=1024, T=8192, fwd + bwd, round-robin, median of 7) 591 -> 529 ms; the MoE 628 -> 626 ms.
+  d_weight_R = jnp.sum(y_RxD * d_out_RxD, axis=-1)
+  d_weights_KxT = _pad_row(d_weight_R[:, None])[row_KT].reshape(top_k, num_tokens).astype(weights_KxT.dtype)
   return d_y_RxD, None, None, d_weights_KxT
 
 
