@@ -61,6 +61,7 @@ def sort_path_forward(x_GxTxD: jax.Array, route: RouterOutput, weights: Sequence
   return y_GxTxD, plan.kept
 
 
+
 class MoEFeedForward(nn.Module):
   """Top-k token-choice MoE of SwiGLU experts. Returns (output [B, L, D], RoutingStats)."""
 
@@ -106,9 +107,16 @@ class MoEFeedForward(nn.Module):
     dispatch_GxTxExC, combine_GxTxExC, kept = jax.vmap(dispatch.einsum_masks, in_axes=(0, 0, None, None))(
         route.expert_index, route.gates, self.config.num_experts, capacity)
     # Expert-major buffers [E, G, C, D], so the experts run as one "nsd,ndf" product over G * C rows (`swiglu`).
-    x_ExGxCxD = jnp.einsum("gtec,gtd->egcd", dispatch_GxTxExC.astype(self.dtype), x_GxTxD)
+    # Every product with one contracting axis (see `swiglu`): the masks as [G, T, E * C], the buffers moved to
+    # expert-major order by a D-wide transpose. The combine "gtec,egcd->gtd" contracted over e and c; A/B in one
+    # process (fwd+bwd, T=8192, F=1024, median of 5): groups of 512 757 -> 701 ms (E=32) and 830 -> 781 ms (E=64),
+    # groups of 128 unchanged (631 / 701 -> 631 / 696); outputs and gradients identical.
+    num_groups, num_tokens, num_experts, capacity = dispatch_GxTxExC.shape
+    width = x_GxTxD.shape[-1]
+    flat = lambda mask: mask.astype(self.dtype).reshape(num_groups, num_tokens, num_experts * capacity)
+    x_GxSxD = jnp.einsum("gts,gtd->gsd", flat(dispatch_GxTxExC), x_GxTxD)
+    x_ExGxCxD = jnp.swapaxes(x_GxSxD.reshape(num_groups, num_experts, capacity, width), 0, 1)
     x_ExGxCxD = nn.with_logical_constraint(x_ExGxCxD, ("expert", "batch", None, "embed"))
-    num_experts, num_groups, _, width = x_ExGxCxD.shape
     y_ExGxCxD = swiglu(x_ExGxCxD.reshape(num_experts, -1, width), *weights).reshape(x_ExGxCxD.shape)
-    y_GxTxD = jnp.einsum("gtec,egcd->gtd", combine_GxTxExC.astype(self.dtype), y_ExGxCxD)
-    return y_GxTxD, kept
+    y_GxSxD = jnp.swapaxes(y_ExGxCxD, 0, 1).reshape(num_groups, num_experts * capacity, width)
+    return jnp.einsum("gts,gsd->gtd", flat(combine_GxTxExC), y_GxSxD), kept
