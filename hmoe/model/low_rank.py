@@ -2,22 +2,23 @@
 
 Rows come in blocks of one expert each (`dispatch.plan_dropless`): block n belongs to expert `blocks[n]`, and every
 product multiplies a block's rows with that expert's factor. The residual rank R is small (4-32), which makes these
-products memory-bound: the batched `einsum("nsr,nrf->nsf")` that widens R-wide rows to F ran at 13 GFLOP/s on the
-2-core CPU (T=8192, 288 blocks of 64 rows, R=16, F=1024: 45 ms, where one F-wide elementwise pass takes 18 ms), and
-the ablation R=16 -> R=1 made the whole HMoE layer's forward + backward 1.6x faster
-(`python -m experiments.profile_layer --kind=hmoe`; docs/speed.md).
+products memory-bound: the whole HMoE layer's forward + backward (E=32, M=8, F=1024, T=8192) took 438 ms at rank 1
+and 603 ms at rank 16, before this module (`python -m experiments.bench_layer --backward --experts=32
+--paths=sort,hmoe8 --rank=1`, and without --rank; two runs the same day; docs/speed.md).
 
 `widen(p, v, blocks)` computes `[N, S, R] x v[blocks] [N, R, F] -> [N, S, F]` as R unrolled multiply-adds: an
-elementwise loop that XLA fuses with the base product added to it. Measured alone, with that add: 24 ms against the
-batched dot's 45 ms (the F-wide pass alone: 18 ms). In the layer it gains less (3-5%, `hierarchical.py`).
+elementwise loop that XLA fuses with the base product added to it. `python -m experiments.bench_low_rank` (288
+blocks of 64 rows, R=16, F=1024, with that add, median of 7): forward 29 ms against the batched dot's 49 ms (12
+GFLOP/s; one F-wide elementwise pass: 22 ms), forward + backward 56 against 75 ms. In the layer it gains less (3-5%,
+`hierarchical.py`).
 
-Its VJP is custom: autodiff of the unrolled form materialises R F-wide partial sums (forward + backward 9x slower
-than the dot's). The input gradient is the batched dot over F (a narrowing product, which XLA:CPU runs well), and the
+Its VJP is custom: autodiff of the unrolled loop materialises R F-wide partial sums (forward + backward 186 ms in the
+same run). The input gradient is the batched dot over F (a narrowing product, which XLA:CPU runs well), and the
 weight gradient sums each block's `[R, F]` outer product into its expert with a one-hot matmul over the N blocks
 instead of the scatter-add that the gather's transpose would be (XLA runs those serially on CPU).
 
-Tried and left out: the narrowing product `[N, S, F] x u[blocks] -> [N, S, R]` in the same unrolled style for its
-input gradient: the layer got 7-13% slower.
+Tried and left out: the narrowing product `[N, S, F] x u[blocks] -> [N, S, R]` of the down factor with the same
+unrolled loop as its input gradient: no gain in the layer (536 -> 532 ms, within noise).
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ def _widen(p_NxSxR: jax.Array, v_NxRxO: jax.Array) -> jax.Array:
 
 def _sum_blocks_into_experts(per_block_NxAxB: jax.Array, blocks_N: jax.Array, num_experts: int) -> jax.Array:
   """`segment_sum` over blocks of the same expert, as a `[E, N] x [N, A B]` one-hot matmul (a dot, not a scatter)."""
-  one_hot_ExN = (blocks_N[None, :] == jnp.arange(num_experts)[:, None]).astype(per_block_NxAxB.dtype)
+  one_hot_NxE = jax.nn.one_hot(blocks_N, num_experts, dtype=per_block_NxAxB.dtype)
   num_blocks = per_block_NxAxB.shape[0]
-  return (one_hot_ExN @ per_block_NxAxB.reshape(num_blocks, -1)).reshape(num_experts, *per_block_NxAxB.shape[1:])
+  return (one_hot_NxE.T @ per_block_NxAxB.reshape(num_blocks, -1)).reshape(num_experts, *per_block_NxAxB.shape[1:])
 
 
 def _varying_axes(x: jax.Array) -> frozenset:

@@ -61,7 +61,6 @@ def sort_path_forward(x_GxTxD: jax.Array, route: RouterOutput, weights: Sequence
   return y_GxTxD, plan.kept
 
 
-
 class MoEFeedForward(nn.Module):
   """Top-k token-choice MoE of SwiGLU experts. Returns (output [B, L, D], RoutingStats)."""
 
