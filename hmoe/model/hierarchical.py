@@ -112,7 +112,7 @@ def hmoe_group_forward(x_TxD: jax.Array, route: HierarchicalRouterOutput, bases:
   def low_rank(rows_NxSxI, name, base_NxSxO=None):
     """Each block's rows times its expert's `U V`, plus `base_NxSxO` (the rows' base products) when given."""
     u_ExIxR, v_ExRxO = factors[name]
-    projected_NxSxR = jnp.einsum("nsi,nir->nsr", rows_NxSxI, u_ExIxR[blocks])
+    projected_NxSxR = low_rank_ops.narrow(rows_NxSxI, u_ExIxR, blocks)
     out = low_rank_ops.widen(projected_NxSxR, v_ExRxO, blocks)
     if base_NxSxO is not None:
       out = out + base_NxSxO
