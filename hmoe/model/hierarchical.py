@@ -114,13 +114,9 @@ def hmoe_group_forward(x_TxD: jax.Array, route: HierarchicalRouterOutput, bases:
     u_ExIxR, v_ExRxO = factors[name]
     projected_NxSxR = low_rank_ops.narrow(rows_NxSxI, u_ExIxR, blocks)
     out = low_rank_ops.widen(projected_NxSxR, v_ExRxO, blocks)
-    if base_NxSxO is not None:
-      out = out + base_NxSxO
-    # Written out once here: XLA would otherwise fuse the unrolled widening into every consumer (the SiLU, the gate
-    # product and their gradients) and redo its R multiply-adds in each. Measured forward + backward, T=8192, E=32,
-    # M=8, R=16, round-robin, median of 7, two sittings: batched dots 601 / 602 ms, widen fused 576 ms, widen
-    # written out 569 / 584 ms (docs/speed.md).
-    return jax.lax.optimization_barrier(out)
+    # No `optimization_barrier` to force the sum to be written out once: XLA:CPU drops barriers before fusion (the
+    # compiled program is identical with and without one), so XLA alone decides where the R multiply-adds fuse.
+    return out if base_NxSxO is None else out + base_NxSxO
 
   with jax.named_scope("low_rank_experts"):
     to_blocks = lambda rows: rows.reshape(num_blocks, block_size, rows.shape[-1])

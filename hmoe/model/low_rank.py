@@ -90,8 +90,9 @@ def _narrow_fwd(rows_NxSxI, u_ExIxR, blocks_N):
 def _narrow_bwd(residuals, d_out_NxSxR):
   rows_NxSxI, u_ExIxR, blocks_N = residuals
   # The input gradient is a widening product (K = R) like `widen`'s forward, but here the batched dot measured faster
-  # than the unrolled loop (whose result feeds two fusions): layer 747 vs 774 ms, 704 vs 724 with a barrier 734.
-  d_rows = jnp.einsum("nsr,nir->nsi", d_out_NxSxR, u_ExIxR[blocks_N])
+  # than the unrolled loop (whose result feeds two fusions, each redoing it): layer 747 vs 774 and 704 vs 724 ms (A/B,
+  # median of 7-9). Its factor is gathered as [N, R, I] (I minor): 741 vs 762 ms against autodiff's [N, I, R].
+  d_rows = jnp.einsum("nsr,nri->nsi", d_out_NxSxR, jnp.swapaxes(u_ExIxR, 1, 2)[blocks_N])
   # Per-block weight gradients as [N, R, I] (R outer, I minor): autodiff's [N, I, R] puts the 16-wide R minor, and
   # XLA:CPU ran that batched dot 3-4x slower than this layout (the down factor's [288, 1024, 16]: 70-78 ms).
   d_u_per_block = jnp.einsum("nsr,nsi->nri", d_out_NxSxR, rows_NxSxI)
