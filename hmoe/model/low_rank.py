@@ -1,4 +1,4 @@
-"""The widening low-rank product of the HMoE's stage-2 rows, written for XLA:CPU's fusion.
+"""The low-rank factor products of the HMoE's stage-2 rows, written for XLA:CPU.
 
 Rows come in blocks of one expert each (`dispatch.plan_dropless`): block n belongs to expert `blocks[n]`, and every
 product multiplies a block's rows with that expert's factor. The residual rank R is small (4-32), which makes these
@@ -17,8 +17,9 @@ same run). The input gradient is the batched dot over F (a narrowing product, wh
 weight gradient sums each block's `[R, F]` outer product into its expert with a one-hot matmul over the N blocks
 instead of the scatter-add that the gather's transpose would be (XLA runs those serially on CPU).
 
-Tried and left out: the narrowing product `[N, S, F] x u[blocks] -> [N, S, R]` of the down factor with the same
-unrolled loop as its input gradient: no gain in the layer (536 -> 532 ms, within noise).
+`narrow(rows, u, blocks)` is the down factor's `[N, S, F] x u[blocks] [N, F, R] -> [N, S, R]`, a batched dot, with
+a custom VJP for its weight gradient's layout (see `_narrow_bwd`): the HMoE layer 772-867 -> 704-801 ms in three
+A/Bs (docs/speed.md). Tried and left out: its input gradient as `widen`'s unrolled loop (slower in the layer).
 """
 
 from __future__ import annotations
