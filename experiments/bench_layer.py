@@ -20,7 +20,15 @@ proportional to the group size, so smaller groups are cheaper and drop more), `e
 import jax
 from absl import app, flags
 
-from experiments.benchmark import ffn_flops, format_table, hmoe_flops, interleaved_medians, layer_call, matmul_call
+from experiments.benchmark import (
+  ffn_flops,
+  format_table,
+  hmoe_flops,
+  interleaved_medians,
+  layer_call,
+  malloc_setting,
+  matmul_call,
+)
 from hmoe.config import HMoEConfig, MoEConfig
 from hmoe.model.hierarchical import HMoEFeedForward
 from hmoe.model.layers import DenseFeedForward
@@ -106,7 +114,7 @@ def main(argv):
       print(format_table(rows[-len(variants):], columns), flush=True)
   mode = "forward+backward" if _BACKWARD.value else "forward"
   print(f"\n{mode}, D={_D_MODEL.value}, top-{_TOP_K.value}, capacity factor 1.25, "
-        f"{jax.devices()[0].platform}, median of {_REPEATS.value}, variants timed round-robin\n")
+        f"{jax.devices()[0].platform}, median of {_REPEATS.value}, variants timed round-robin, {malloc_setting()}\n")
   print(format_table(rows, columns))
 
 

@@ -17,6 +17,7 @@ from experiments.benchmark import (
   format_table,
   interleaved_medians,
   load_variant_config,
+  malloc_setting,
   matmul_call,
   train_flops_per_token,
   train_step_call,
@@ -50,7 +51,7 @@ def main(argv):
   for row in rows:
     row["time vs " + rows[0]["variant"]] = row["ms/step"] / rows[0]["ms/step"]
   print(f"\ntrain step, {_CONFIG.value}, {jax.devices()[0].platform}, median of {_REPEATS.value}, variants timed "
-        f"round-robin; in-process matmul peak {peak:.0f} GFLOP/s\n")
+        f"round-robin; in-process matmul peak {peak:.0f} GFLOP/s; {malloc_setting()}\n")
   print(format_table(rows, list(rows[0])))
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 import pathlib
 import statistics
 import time
@@ -58,6 +59,19 @@ def interleaved_medians(calls: dict[Any, Callable[[], Any]], repeats: int = 5, w
       jax.block_until_ready(call())
       times[name].append(time.perf_counter() - start)
   return {name: statistics.median(values) for name, values in times.items()}
+
+
+def malloc_setting() -> str:
+  """The glibc malloc tuning this process started with, for the benchmarks' footers.
+
+  XLA:CPU allocates its large buffers afresh at every execution and glibc maps each one anew, so every run
+  page-faults through them: 2.2M minor faults in five MoE + HMoE fwd+bwd calls at E=32, F=1024, T=8192.
+  `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc >= 2.35) maps them as transparent huge pages: 0.2-0.35M faults, the
+  layers 10-25% and the reference matmul 20% faster (docs/speed.md). It is read at process start, so it is reported
+  here rather than set.
+  """
+  tunables = os.environ.get("GLIBC_TUNABLES", "")
+  return f"GLIBC_TUNABLES={tunables}" if tunables else "glibc malloc defaults (GLIBC_TUNABLES unset)"
 
 
 def ffn_flops(num_tokens: int, width: int, hidden: int, rows_per_token: float = 1.0) -> float:

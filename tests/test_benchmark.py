@@ -3,7 +3,7 @@
 import jax
 import pytest
 
-from experiments.benchmark import ffn_flops, hmoe_flops, interleaved_medians, train_flops_per_token
+from experiments.benchmark import ffn_flops, hmoe_flops, interleaved_medians, malloc_setting, train_flops_per_token
 from hmoe.config import MoEConfig
 from hmoe.model.layers import DenseFeedForward
 from hmoe.model.moe import MoEFeedForward
@@ -64,3 +64,10 @@ def test_interleaved_medians_times_every_call_round_robin_after_its_warmup():
   order.clear()
   interleaved_medians(calls, repeats=2, warmup=1, rewarm=["b"])
   assert order == ["a", "b"] + ["a", "b", "b"] * 2  # "b" runs once untimed before each timed call.
+
+
+def test_malloc_setting_names_the_tunables_or_says_they_are_unset(monkeypatch):
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+  assert malloc_setting() == "GLIBC_TUNABLES=glibc.malloc.hugetlb=1"
+  monkeypatch.delenv("GLIBC_TUNABLES")
+  assert "unset" in malloc_setting()
