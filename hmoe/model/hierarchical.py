@@ -135,8 +135,9 @@ def hmoe_group_forward(x_TxD: jax.Array, route: HierarchicalRouterOutput, bases:
   def widened(projected_NxSxR, name, base_NxSxO=None):
     """Each block's R-wide rows times its expert's `V`, plus `base_NxSxO` (the rows' base products) when given."""
     out = low_rank_ops.widen(projected_NxSxR, factors[name][1], blocks)
-    # No `optimization_barrier` to force the sum to be written out once: XLA:CPU drops barriers before fusion (the
-    # compiled program is identical with and without one), so XLA alone decides where the R multiply-adds fuse.
+    # No `optimization_barrier` to force the sum to be written out once: here the compiled program is identical with
+    # and without one (a barrier blocks transpose folding, `low_rank._per_block_outer`, not this fusion), so XLA
+    # alone decides where the R multiply-adds fuse.
     return out if base_NxSxO is None else out + base_NxSxO
 
   with jax.named_scope("low_rank_experts"):

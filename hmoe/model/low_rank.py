@@ -17,6 +17,8 @@ same run). The input gradient is the batched dot over F (a narrowing product, wh
 weight gradient sums each block's `[R, F]` outer product into its expert with a one-hot matmul over the N blocks
 instead of the scatter-add that the gather's transpose would be (XLA runs those serially on CPU).
 
+Both VJPs compute their per-block weight gradients with `_per_block_outer` (YNNPACK's layout, 1.5-2x faster).
+
 `narrow(rows, u, blocks)` is the down factor's `[N, S, F] x u[blocks] [N, F, R] -> [N, S, R]`, a batched dot, with
 a custom VJP for its weight gradient's layout (see `_narrow_bwd`): the HMoE layer 772-867 -> 704-801 ms in three
 A/Bs (docs/speed.md). Tried and left out: its input gradient as `widen`'s unrolled loop (slower in the layer).
@@ -34,6 +36,20 @@ def _widen(p_NxSxR: jax.Array, v_NxRxO: jax.Array) -> jax.Array:
   for r in range(1, p_NxSxR.shape[-1]):
     out = out + p_NxSxR[..., r:r + 1] * v_NxRxO[:, None, r]
   return out
+
+
+def _per_block_outer(narrow_NxSxR: jax.Array, wide_NxSxO: jax.Array) -> jax.Array:
+  """`einsum("nsr,nso->nro")`, each block's `[R, O]` weight gradient, with the narrow operand transposed first.
+
+  Contracting the S rows of both operands (the left one transposed) is a dot that XLA:CPU leaves to its generic
+  emitter; with the left operand as `[N, R, S]` it goes to YNNPACK. XLA folds a plain transpose back into the dot's
+  dimension numbers; the barrier stops that fold (it is itself gone from the compiled program), so the small `[N, R,
+  S]` copy is written and the dot runs on it: `[288, 64, 16]`^T x `[288, 64, 1024]`
+  38.7 -> 26.5 ms (median of 9); the HMoE layer (E=32, F=1024, T=8192, fwd + bwd) 1,016 -> 980 ms (M=4) and
+  978 -> 907 ms (M=8), round-robin A/B, median of 7 (docs/speed.md).
+  """
+  narrow_NxRxS = jax.lax.optimization_barrier(jnp.swapaxes(narrow_NxSxR, 1, 2))
+  return jnp.einsum("nrs,nso->nro", narrow_NxRxS, wide_NxSxO)
 
 
 def _sum_blocks_into_experts(per_block_NxAxB: jax.Array, blocks_N: jax.Array, num_experts: int) -> jax.Array:
@@ -70,7 +86,7 @@ def _widen_fwd(p_NxSxR, v_ExRxO, blocks_N):
 def _widen_bwd(residuals, d_out_NxSxO):
   p_NxSxR, v_ExRxO, blocks_N = residuals
   d_p = jnp.einsum("nso,nro->nsr", d_out_NxSxO, v_ExRxO[blocks_N])
-  d_v_per_block = jnp.einsum("nsr,nso->nro", p_NxSxR, d_out_NxSxO)
+  d_v_per_block = _per_block_outer(p_NxSxR, d_out_NxSxO)
   d_v = _sum_blocks_into_experts(d_v_per_block, blocks_N, v_ExRxO.shape[0])
   return _sum_to_type_of(d_p, p_NxSxR), _sum_to_type_of(d_v, v_ExRxO), None
 
@@ -96,7 +112,7 @@ def _narrow_bwd(residuals, d_out_NxSxR):
   d_rows = jnp.einsum("nsr,nri->nsi", d_out_NxSxR, jnp.swapaxes(u_ExIxR, 1, 2)[blocks_N])
   # Per-block weight gradients as [N, R, I] (R outer, I minor): autodiff's [N, I, R] puts the 16-wide R minor, and
   # XLA:CPU ran that batched dot 3-4x slower than this layout (the down factor's [288, 1024, 16]: 70-78 ms).
-  d_u_per_block = jnp.einsum("nsr,nsi->nri", d_out_NxSxR, rows_NxSxI)
+  d_u_per_block = _per_block_outer(d_out_NxSxR, rows_NxSxI)
   d_u = jnp.swapaxes(_sum_blocks_into_experts(d_u_per_block, blocks_N, u_ExIxR.shape[0]), 1, 2)
   return _sum_to_type_of(d_rows, rows_NxSxI), _sum_to_type_of(d_u, u_ExIxR), None
 
