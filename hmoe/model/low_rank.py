@@ -44,9 +44,9 @@ def _per_block_outer(narrow_NxSxR: jax.Array, wide_NxSxO: jax.Array) -> jax.Arra
   Contracting the S rows of both operands (the left one transposed) is a dot that XLA:CPU leaves to its generic
   emitter; with the left operand as `[N, R, S]` it goes to YNNPACK. XLA folds a plain transpose back into the dot's
   dimension numbers; the barrier stops that fold (it is itself gone from the compiled program), so the small `[N, R,
-  S]` copy is written and the dot runs on it: `[288, 64, 16]`^T x `[288, 64, 1024]`
-  38.7 -> 26.5 ms (median of 9); the HMoE layer (E=32, F=1024, T=8192, fwd + bwd) 1,016 -> 980 ms (M=4) and
-  978 -> 907 ms (M=8), round-robin A/B, median of 7 (docs/speed.md).
+  S]` copy is written and the dot runs on it: `[288, 64, 16]`^T x `[288, 64, 1024]` 38.7 -> 26.5 ms (median of 9),
+  38 -> 14-19 ms each in the layer's profile; the HMoE layer (E=32, F=1024, T=8192, fwd + bwd) 1,016 -> 980 ms (M=4)
+  and 978 -> 907 ms (M=8), round-robin A/B, median of 7 (docs/speed.md).
   """
   narrow_NxRxS = jax.lax.optimization_barrier(jnp.swapaxes(narrow_NxSxR, 1, 2))
   return jnp.einsum("nrs,nso->nro", narrow_NxRxS, wide_NxSxO)
