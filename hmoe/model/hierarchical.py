@@ -134,7 +134,8 @@ def hmoe_group_forward(x_TxD: jax.Array, route: HierarchicalRouterOutput, bases:
 
   def widened(projected_NxSxR, name, base_NxSxO=None):
     """Each block's R-wide rows times its expert's `V`, plus `base_NxSxO` (the rows' base products) when given."""
-    out = low_rank_ops.widen(projected_NxSxR, factors[name][1], blocks)
+    # The unrolled loop fuses with the base product added to it; without one, the batched dot (`low_rank.widen`).
+    out = low_rank_ops.widen(projected_NxSxR, factors[name][1], blocks, base_NxSxO is not None)
     # No `optimization_barrier` to force the sum to be written out once: here the compiled program is identical with
     # and without one (a barrier blocks transpose folding, `low_rank._per_block_outer`, not this fusion), so XLA
     # alone decides where the R multiply-adds fuse.
