@@ -13,8 +13,10 @@ GFLOP/s; one F-wide elementwise pass: 22 ms), forward + backward 56 against 75 m
 `hierarchical.py`).
 
 `widen(..., unrolled=False)` is the batched dot, for the HMoE's D-wide down residual (nothing added to it; see
-`widen`). Its VJP is custom: autodiff of the unrolled loop materialises R F-wide partial sums (forward + backward 186 ms in the
-same run). The input gradient is the batched dot over F (a narrowing product, which XLA:CPU runs well), and the
+`widen`).
+
+The VJP is custom: autodiff of the unrolled loop materialises R F-wide partial sums (forward + backward 186 ms in
+the same run). The input gradient is the batched dot over F (a narrowing product, which XLA:CPU runs well), and the
 weight gradient sums each block's `[R, F]` outer product into its expert with a one-hot matmul over the N blocks
 instead of the scatter-add that the gather's transpose would be (XLA runs those serially on CPU).
 
