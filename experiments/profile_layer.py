@@ -2,6 +2,7 @@
 
   python -m experiments.profile_layer --kind=hmoe      # T=8192, D=256, F=1024, E=32, G=4 clusters, R=16
   python -m experiments.profile_layer --kind=moe       # the sort-path MoE of the same E and F
+  python -m experiments.profile_layer --tokens=2048 --expert_ff=512 --clusters=8   # compare.py's hmoe8x4 layer
 
 Prints the --top ops by time per call with their result shapes from the compiled HLO. On CPU the executor runs
 independent ops concurrently, so per-op times can sum to more than the wall time; read them as relative costs.
@@ -24,15 +25,18 @@ from hmoe.model.moe import MoEFeedForward
 
 _KIND = flags.DEFINE_enum("kind", "hmoe", ["hmoe", "moe"], "Layer to profile.")
 _TOKENS = flags.DEFINE_integer("tokens", 8192, "Tokens (one routing group).")
+_EXPERT_FF = flags.DEFINE_integer("expert_ff", 1024, "Expert width F.")
+_EXPERTS = flags.DEFINE_integer("experts", 32, "Experts E.")
+_CLUSTERS = flags.DEFINE_integer("clusters", 4, "HMoE clusters G (E / G experts each).")
 _TOP = flags.DEFINE_integer("top", 25, "Ops to print.")
 _CALLS = 3
 
 
 def main(argv):
   del argv
-  width, hidden, experts = 256, 1024, 32
+  width, hidden, experts = 256, _EXPERT_FF.value, _EXPERTS.value
   if _KIND.value == "hmoe":
-    layer = HMoEFeedForward(HMoEConfig(num_experts=experts, num_clusters=4, rank=16, top_k_clusters=1,
+    layer = HMoEFeedForward(HMoEConfig(num_experts=experts, num_clusters=_CLUSTERS.value, rank=16, top_k_clusters=1,
                                        top_k_experts=2, expert_ff=hidden))
   else:
     layer = MoEFeedForward(MoEConfig(num_experts=experts, top_k=2, expert_ff=hidden))
