@@ -15,7 +15,9 @@ Every expert matrix is `W_e = B_c + U_e V_e`. The forward pass reuses the base p
    `[tokens, M, F]` tensor for all members is ever formed.
 4. Down projection by linearity:
    `sum_e g_e h_e W_e^down = (sum_e g_e h_e) B_c^down + sum_e g_e (h_e U_e^down) V_e^down`,
-   so the base down product is also computed once per slot.
+   so the base down product is also computed once per slot, and so is the residual's widening product: the gated
+   R-wide `h_e U_e^down` of a slot's experts are laid out by member and multiplied with the cluster's stacked
+   `V^down`s in one `[C, M R] x [M R, D]` matmul.
 """
 
 from __future__ import annotations
@@ -132,14 +134,12 @@ def hmoe_group_forward(x_TxD: jax.Array, route: HierarchicalRouterOutput, bases:
   blocks = plan2.block_expert
   num_blocks = blocks.shape[0]
 
-  def widened(projected_NxSxR, name, base_NxSxO=None):
-    """Each block's R-wide rows times its expert's `V`, plus `base_NxSxO` (the rows' base products) when given."""
-    # The unrolled loop fuses with the base product added to it; without one, the batched dot (`low_rank.widen`).
-    out = low_rank_ops.widen(projected_NxSxR, factors[name][1], blocks, base_NxSxO is not None)
+  def widened(projected_NxSxR, name, base_NxSxO):
+    """Each block's R-wide rows times its expert's `V`, plus `base_NxSxO` (the rows' base products)."""
     # No `optimization_barrier` to force the sum to be written out once: here the compiled program is identical with
     # and without one (a barrier blocks transpose folding, `low_rank._per_block_outer`, not this fusion), so XLA
     # alone decides where the R multiply-adds fuse.
-    return out if base_NxSxO is None else out + base_NxSxO
+    return low_rank_ops.widen(projected_NxSxR, factors[name][1], blocks) + base_NxSxO
 
   with jax.named_scope("low_rank_experts"):
     to_blocks = lambda rows: rows.reshape(num_blocks, block_size, rows.shape[-1])
@@ -147,12 +147,23 @@ def hmoe_group_forward(x_TxD: jax.Array, route: HierarchicalRouterOutput, bases:
     gate_NxSxF = widened(projected_NxSxR2[..., :rank], "gate", to_blocks(rows_base_gate))
     up_NxSxF = widened(projected_NxSxR2[..., rank:], "up", to_blocks(rows_base_up))
     hidden_NxSxF = jax.nn.silu(gate_NxSxF) * up_NxSxF
-    down_residual_NxSxD = widened(low_rank_ops.narrow(hidden_NxSxF, factors["down"][0], blocks), "down")
+    down_narrowed_NxSxR = low_rank_ops.narrow(hidden_NxSxF, factors["down"][0], blocks)
 
   with jax.named_scope("combine"):
     hidden_RxF = hidden_NxSxF.reshape(-1, hidden_NxSxF.shape[-1])
     weighted_hidden_SxF = dispatch.combine_rows(hidden_RxF, plan2, slot_gates_SxKe)
-    residual_SxD = dispatch.combine_rows(down_residual_NxSxD.reshape(-1, width), plan2, slot_gates_SxKe)
+    # The down residual `sum_k g_k (h_k U_k) V_k` is widened per slot, not per stage-2 row: each row's gated R-wide
+    # `h U` moves back to its (slot, member) pair (zeros for members not chosen), and one dense matmul per cluster
+    # `[C, M R] x [M R, D]` with the members' stacked `V`s sums the Ke chosen experts' residuals. That is M / Ke times
+    # the FLOPs of the per-row product (K = M R = 64-128), but it drops the D-wide [rows, D] residual buffer, its
+    # combine and, in the backward, the D-wide gather, scale and gate-gradient reduction over every stage-2 row,
+    # padding included (a third of the rows at T=2048). Round-robin A/B in one process (E=32, R=16, Ke=2, fwd + bwd,
+    # median of 25; gradients equal to 5e-7 relative): T=2048, F=512 M=4 157 -> 154 and 141 -> 131 ms, M=8 157 ->
+    # 155 and 141 -> 141 ms; T=8192, F=1024 (median of 7) 769 -> 767 (M=4) and 749 -> 743 ms (M=8) (docs/speed.md).
+    pair_gates_P = jnp.zeros((num_pairs,), slot_gates_SxKe.dtype).at[pair_KS].set(slot_gates_SxKe.T.reshape(-1))
+    gated_PxR = dispatch.combine_rows(down_narrowed_NxSxR.reshape(-1, rank), pairs, pair_gates_P[:, None])
+    v_down_GxKxD = factors["down"][1][rows_GxM].reshape(num_clusters, num_members * rank, width)
+    residual_SxD = base_product(gated_PxR.reshape(plan1.num_rows, num_members * rank), v_down_GxKxD)
     slots_out_SxD = base_product(weighted_hidden_SxF, "down") + residual_SxD
     # Gates were applied per expert above, so stage-1 combine only sums a token's kept cluster slots.
     ones_TxKc = jnp.ones((num_tokens, top_kc), slots_out_SxD.dtype)

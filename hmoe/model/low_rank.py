@@ -12,9 +12,6 @@ blocks of 64 rows, R=16, F=1024, with that add, median of 7): forward 29 ms agai
 GFLOP/s; one F-wide elementwise pass: 22 ms), forward + backward 56 against 75 ms. In the layer it gains less (3-5%,
 `hierarchical.py`).
 
-`widen(..., unrolled=False)` is the batched dot, for the HMoE's D-wide down residual (nothing added to it; see
-`widen`).
-
 The VJP is custom: autodiff of the unrolled loop materialises R F-wide partial sums (forward + backward 186 ms in
 the same run). The input gradient is the batched dot over F (a narrowing product, which XLA:CPU runs well), and the
 weight gradient sums each block's `[R, F]` outer product into its expert with a one-hot matmul over the N blocks
@@ -28,8 +25,6 @@ A/Bs (docs/speed.md). Tried and left out: its input gradient as `widen`'s unroll
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -78,25 +73,23 @@ def _sum_to_type_of(grad: jax.Array, primal: jax.Array) -> jax.Array:
   return jax.lax.psum(grad, extra) if extra else grad
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def widen(p_NxSxR: jax.Array, v_ExRxO: jax.Array, blocks_N: jax.Array, unrolled: bool = True) -> jax.Array:
-  """Rows [N, S, R] of block n times `v_ExRxO[blocks_N[n]]`: [N, S, O].
+@jax.custom_vjp
+def widen(p_NxSxR: jax.Array, v_ExRxO: jax.Array, blocks_N: jax.Array) -> jax.Array:
+  """Rows [N, S, R] of block n times `v_ExRxO[blocks_N[n]]`: [N, S, O], as R unrolled multiply-adds.
 
-  `unrolled=False` computes the batched dot instead, for a product nothing is added to (the HMoE's D-wide down
-  residual): there XLA:CPU re-ran the unrolled loop inside each consumer, among them the combine's gate-gradient
-  reduction (30 ms of the layer's profile for 18432 x 256 rows), while the dot's result is written once. HMoE layer
-  (E=32, F=1024, T=8192, fwd + bwd, A/B median of 7) 994 -> 943 ms (M=4), 1,100 -> 966 ms (M=8).
+  Meant for a product that something is added to (the HMoE's gate and up residuals plus their base products), with
+  which the loop fuses. XLA:CPU re-runs the loop inside each consumer, so a product with several consumers and
+  nothing added is better a batched dot: the D-wide down residual, when it was widened per row, ran 5-12% faster
+  that way (it is now one matmul per cluster, `hierarchical.py`).
   """
-  v_NxRxO = v_ExRxO[blocks_N]
-  return _widen(p_NxSxR, v_NxRxO) if unrolled else jnp.einsum("nsr,nro->nso", p_NxSxR, v_NxRxO)
+  return _widen(p_NxSxR, v_ExRxO[blocks_N])
 
 
-def _widen_fwd(p_NxSxR, v_ExRxO, blocks_N, unrolled):
-  return widen(p_NxSxR, v_ExRxO, blocks_N, unrolled), (p_NxSxR, v_ExRxO, blocks_N)
+def _widen_fwd(p_NxSxR, v_ExRxO, blocks_N):
+  return widen(p_NxSxR, v_ExRxO, blocks_N), (p_NxSxR, v_ExRxO, blocks_N)
 
 
-def _widen_bwd(unrolled, residuals, d_out_NxSxO):
-  del unrolled  # Both forms have the same gradients.
+def _widen_bwd(residuals, d_out_NxSxO):
   p_NxSxR, v_ExRxO, blocks_N = residuals
   d_p = jnp.einsum("nso,nro->nsr", d_out_NxSxO, v_ExRxO[blocks_N])
   d_v_per_block = _per_block_outer(p_NxSxR, d_out_NxSxO)
