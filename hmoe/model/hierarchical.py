@@ -157,9 +157,10 @@ def hmoe_group_forward(x_TxD: jax.Array, route: HierarchicalRouterOutput, bases:
     # `[C, M R] x [M R, D]` with the members' stacked `V`s sums the Ke chosen experts' residuals. That is M / Ke times
     # the FLOPs of the per-row product (K = M R = 64-128), but it drops the D-wide [rows, D] residual buffer, its
     # combine and, in the backward, the D-wide gather, scale and gate-gradient reduction over every stage-2 row,
-    # padding included (a third of the rows at T=2048). Round-robin A/B in one process (E=32, R=16, Ke=2, fwd + bwd,
-    # median of 25; gradients equal to 5e-7 relative): T=2048, F=512 M=4 157 -> 154 and 141 -> 131 ms, M=8 157 ->
-    # 155 and 141 -> 141 ms; T=8192, F=1024 (median of 7) 769 -> 767 (M=4) and 749 -> 743 ms (M=8) (docs/speed.md).
+    # padding included (a third of the rows at T=2048). Round-robin A/B against the per-row form in one process
+    # (E=32, R=16, Ke=2, fwd + bwd; gradients equal to 5e-7 relative), M=4 / M=8: T=2048, F=512 (median of 25, two
+    # runs) 197 -> 178 / 180 -> 176 and 156 -> 146 / 155 -> 155 ms; T=8192, F=512 (median of 7) 539 -> 497 / 540 ->
+    # 523 ms; T=8192, F=1024 879 -> 885 / 911 -> 894 ms (docs/speed.md).
     pair_gates_P = jnp.zeros((num_pairs,), slot_gates_SxKe.dtype).at[pair_KS].set(slot_gates_SxKe.T.reshape(-1))
     gated_PxR = dispatch.combine_rows(down_narrowed_NxSxR.reshape(-1, rank), pairs, pair_gates_P[:, None])
     v_down_GxKxD = factors["down"][1][rows_GxM].reshape(num_clusters, num_members * rank, width)
