@@ -7,6 +7,11 @@ timed round-robin, median of --repeats steps with `block_until_ready`. Reported 
 first variant, and model FLOPs utilisation: `benchmark.train_flops_per_token` (6 x active parameters + attention) x
 tokens/s against one float32 `[tokens, D] x [D, d_ff]` matmul timed in the same process (this machine's practical
 peak for such shapes).
+
+Unlike the trainer, the step does not donate its state (every timed call starts from the same one), so each call
+allocates a fresh state: under glibc's default malloc that page-faults through it and makes the timings swing
+(MoE / HMoE 8 x 4 0.92-1.19x in five runs of one day); `experiments.train`'s logged tokens/s is the steadier
+reading, and `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` the steadier setting (docs/speed.md, 2026-12-04).
 """
 
 

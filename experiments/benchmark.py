@@ -66,9 +66,11 @@ def malloc_setting() -> str:
 
   XLA:CPU allocates its large buffers afresh at every execution and glibc maps each one anew, so every run
   page-faults through them: 2.2M minor faults in five MoE + HMoE fwd+bwd calls at E=32, F=1024, T=8192.
-  `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc >= 2.35) maps them as transparent huge pages: 0.2-0.35M faults, and
-  in a small process the layers 10-25% and the reference matmul 20% faster, yet a full `bench_layer` run under it
-  was slower on every variant (docs/speed.md). So it is reported here, not set (it is read at process start anyway).
+  `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc >= 2.35) maps them as transparent huge pages: 0.2-0.35M faults.
+  Under it, at 8,192 tokens, the reference matmul ran 1.27-1.35x faster, the MoE 1.12-1.19x and the HMoE 1.26-1.34x,
+  and `experiments.train` 11-15% faster (2026-12-04); one earlier 14-variant `bench_layer` run under it was slower on
+  every variant (docs/speed.md). The setting moves every "of matmul" ratio, so each footer names it; it is read at
+  process start, so a benchmark cannot set it for itself.
   """
   tunables = os.environ.get("GLIBC_TUNABLES", "")
   return f"GLIBC_TUNABLES={tunables}" if tunables else "glibc malloc defaults (GLIBC_TUNABLES unset)"
